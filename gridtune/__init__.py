@@ -1,0 +1,1 @@
+"""gridtune core: the settings object, the sweep config and the errors every entry point shares."""

@@ -1,0 +1,84 @@
+"""The one settings object: everything gridtune reads from the environment.
+
+Operators and scripts rely on the plain names DATABASE_URL, CELERY_BROKER_URL, OPENAI_API_KEY and
+OPENAI_BASE_URL; gridtune's own knobs are prefixed GRIDTUNE_. Secrets are SecretStr so that no
+repr, log line or task argument can carry them by accident.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(name: str, *more: str):
+    return AliasChoices(name, *more)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    # --- where things live -------------------------------------------------------------------
+    database_url: str = Field("sqlite:///gridtune.db", validation_alias=_env("DATABASE_URL"))
+    # Unset = embedded mode: an in-process worker on an in-memory broker.
+    broker_url: str | None = Field(None, validation_alias=_env("CELERY_BROKER_URL"))
+    # Default: the broker's Redis. Chords need a backend that counts header results.
+    result_backend: str | None = Field(None, validation_alias=_env("CELERY_RESULT_BACKEND"))
+    # The shared rate budget and cool-downs. Default: the broker's Redis.
+    redis_url: str | None = Field(None, validation_alias=_env("GRIDTUNE_REDIS_URL"))
+    data_dir: Path = Field(Path("gridtune-data"), validation_alias=_env("GRIDTUNE_DATA_DIR"))
+
+    # --- the model API -----------------------------------------------------------------------
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
+    request_timeout: float = Field(60.0, validation_alias=_env("GRIDTUNE_REQUEST_TIMEOUT"))
+    # Overrides for the shared budget (else: the sweep config, else learnt from headers).
+    rpm: int | None = Field(None, validation_alias=_env("GRIDTUNE_RPM"))
+    tpm: int | None = Field(None, validation_alias=_env("GRIDTUNE_TPM"))
+    max_attempts: int = Field(8, validation_alias=_env("GRIDTUNE_MAX_ATTEMPTS"))
+    # Waits up to this long are slept inside the task; longer ones give the worker slot back
+    # (task retry with a countdown).
+    max_inline_wait: float = Field(5.0, validation_alias=_env("GRIDTUNE_MAX_INLINE_WAIT"))
+    backoff_cap: float = Field(60.0, validation_alias=_env("GRIDTUNE_BACKOFF_CAP"))
+
+    # --- Celery ------------------------------------------------------------------------------
+    # A message not acked within this many seconds is delivered again (Redis transport); every
+    # countdown we schedule stays well below it.
+    visibility_timeout: int = Field(3600, validation_alias=_env("GRIDTUNE_VISIBILITY_TIMEOUT"))
+    worker_concurrency: int = Field(100, validation_alias=_env("GRIDTUNE_WORKER_CONCURRENCY"))
+    embedded_concurrency: int = Field(32, validation_alias=_env("GRIDTUNE_EMBEDDED_CONCURRENCY"))
+    enqueue_batch: int = Field(1000, validation_alias=_env("GRIDTUNE_ENQUEUE_BATCH"))
+    finetune_poll_seconds: float = Field(30.0, validation_alias=_env("GRIDTUNE_FINETUNE_POLL_SECONDS"))
+    # Refuse grids larger than this before anything is stored or enqueued.
+    max_requests: int = Field(5_000_000, validation_alias=_env("GRIDTUNE_MAX_REQUESTS"))
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        """The Redis that holds the rate budget: explicit, else the broker's when it is Redis."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
+
+    @property
+    def max_countdown(self) -> float:
+        """The longest retry countdown that cannot outlive the broker's visibility timeout."""
+        return max(1.0, self.visibility_timeout / 4)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change the environment)."""
+    get_settings.cache_clear()

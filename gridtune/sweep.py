@@ -1,0 +1,259 @@
+"""Sweep configs: load and validate a TOML file, expand its grid lazily.
+
+Everything that can be wrong with a config is found here, at load time: a template that names an
+undeclared dimension (or uses attribute access, indexing or positional fields) is refused before
+anything is stored or enqueued, never at request time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import string
+import tomllib
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gridtune.errors import ConfigError
+
+Scalar = str | int | float | bool
+
+DEFAULT_CONFIG = "superhero.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Templates(_Section):
+    prompt: str = Field(description="The generation prompt sent to the model.")
+    input: str = Field(description="The short input that becomes the fine-tuning example's user turn.")
+    system: str | None = Field(None, description="Optional system message for generation and training.")
+
+
+class ModelSettings(_Section):
+    name: str = "gpt-4o-mini"
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    max_output_tokens: int = Field(500, ge=1)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    seed: int | None = None
+    # Newer models take max_completion_tokens; some compatible servers only know max_tokens.
+    token_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # The provider's limits for this model; unset = learnt from x-ratelimit-* headers.
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+
+
+class DatasetSettings(_Section):
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: int = 0
+    legacy_format: bool = Field(False, description="Also write the prompt/completion form (' ->', ' END').")
+    min_examples: int = Field(10, ge=1)
+
+
+class FinetuneSettings(_Section):
+    backend: Literal["openai", "local", "none"] = "openai"
+    base_model: str = "gpt-4o-mini-2024-07-18"
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = None
+    # Examples longer than this many tokens are dropped before submitting.
+    max_example_tokens: int = Field(65_536, ge=16)
+    # local backend (LoRA on transformers + peft)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    max_seq_length: int = Field(256, ge=8)
+
+
+class AskSettings(_Section):
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_output_tokens: int = Field(256, ge=1)
+
+
+class SweepConfig(_Section):
+    name: str | None = Field(None, description="Default sweep name when --name is not given.")
+    repeats: int = Field(1, description="Requests per combination.")
+    dimensions: dict[str, list[Scalar]]
+    templates: Templates
+    model: ModelSettings = ModelSettings()
+    dataset: DatasetSettings = DatasetSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    ask: AskSettings = AskSettings()
+
+    @field_validator("repeats")
+    @classmethod
+    def _positive_repeats(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"repeats must be at least 1, got {value}")
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _usable_dimensions(cls, dims: dict[str, list[Scalar]]) -> dict[str, list[Scalar]]:
+        if not dims:
+            raise ValueError("declare at least one dimension")
+        for name, values in dims.items():
+            if not name.isidentifier():
+                raise ValueError(f"dimension name {name!r} must be an identifier (letters, digits, _)")
+            if not values:
+                raise ValueError(f"dimension {name!r} has no values")
+            keys = [json.dumps(v) for v in values]
+            if len(set(keys)) != len(keys):
+                raise ValueError(f"dimension {name!r} lists a value twice")
+        return dims
+
+    # --- the grid, never materialised -------------------------------------------------------
+    @cached_property
+    def combinations(self) -> int:
+        return math.prod(len(v) for v in self.dimensions.values())
+
+    @cached_property
+    def total_requests(self) -> int:
+        return self.combinations * self.repeats
+
+    def params(self, index: int) -> tuple[dict[str, Scalar], int]:
+        """The parameters and repeat number of request `index` (itertools.product order)."""
+        if not 0 <= index < self.total_requests:
+            raise IndexError(index)
+        combo, repeat = divmod(index, self.repeats)
+        values: dict[str, Scalar] = {}
+        for name, options in reversed(list(self.dimensions.items())):
+            combo, position = divmod(combo, len(options))
+            values[name] = options[position]
+        return {name: values[name] for name in self.dimensions}, repeat
+
+    def render(self, params: dict[str, Scalar]) -> tuple[str, str]:
+        """(generation prompt, fine-tuning input) for one combination."""
+        return self.templates.prompt.format(**params), self.templates.input.format(**params)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the config's content; `name` is excluded so renaming is not a change."""
+        body = {k: v for k, v in self.snapshot().items() if k != "name"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def check_template(label: str, template: str, dimensions: dict[str, list[Scalar]]) -> None:
+    """Only plain `{dimension}` fields (with an optional format spec) are allowed."""
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"templates.{label}: {exc}") from None
+    for _, field, spec, _conversion in fields:
+        if field is None:
+            continue
+        if field == "" or field.isdigit():
+            raise ConfigError(
+                f"templates.{label}: positional field {{{field}}} is not allowed; "
+                f"name a dimension: {', '.join(dimensions)}"
+            )
+        if not field.isidentifier():
+            raise ConfigError(
+                f"templates.{label}: field {{{field}}} is not allowed: only plain dimension names, "
+                "no attribute access or indexing"
+            )
+        if field not in dimensions:
+            raise ConfigError(
+                f"templates.{label}: {{{field}}} is not a declared dimension "
+                f"(declared: {', '.join(dimensions)})"
+            )
+        if spec and "{" in spec:
+            raise ConfigError(f"templates.{label}: nested fields in a format spec are not allowed")
+    # Format specs must suit every value of their dimension: try each value once.
+    longest = max(len(v) for v in dimensions.values())
+    for i in range(longest):
+        sample = {name: values[i % len(values)] for name, values in dimensions.items()}
+        try:
+            template.format(**sample)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"templates.{label}: cannot render with {sample}: {exc}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    more = len(error.errors()) - 1
+    return f"{where}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def parse_config(text: str, source: str = "config", max_requests: int | None = None) -> SweepConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        config = SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+    for label in ("prompt", "input", "system"):
+        template = getattr(config.templates, label)
+        if template is not None:
+            check_template(label, template, config.dimensions)
+    if max_requests is not None and config.total_requests > max_requests:
+        raise ConfigError(
+            f"{source}: the grid has {config.total_requests:,} requests "
+            f"({config.combinations:,} combinations x {config.repeats} repeats), more than the "
+            f"limit of {max_requests:,} (GRIDTUNE_MAX_REQUESTS)"
+        )
+    return config
+
+
+def load_config(path: str | Path | None = None, max_requests: int | None = None) -> SweepConfig:
+    """Load a sweep config file; None = the shipped default (the tutorial's 294 requests)."""
+    if path is None:
+        data = resources.files("gridtune").joinpath("sweeps", DEFAULT_CONFIG).read_bytes()
+        source = f"sweeps/{DEFAULT_CONFIG}"
+    else:
+        source = str(path)
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    if b"\x00" in data:
+        raise ConfigError(f"{source}: this is a binary file, not a TOML sweep config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}): save the file as UTF-8") from None
+    return parse_config(text, source, max_requests)
+
+
+def config_from_snapshot(snapshot: dict[str, Any]) -> SweepConfig:
+    """Rebuild a stored config (already validated when the sweep was created)."""
+    return SweepConfig.model_validate(snapshot)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a sweep: what the worker sends and stores."""
+
+    index: int
+    params: dict[str, Scalar]
+    repeat: int
+    prompt: str
+    input_text: str
+
+
+def request_at(config: SweepConfig, index: int) -> Request:
+    params, repeat = config.params(index)
+    prompt, input_text = config.render(params)
+    return Request(index, params, repeat, prompt, input_text)

@@ -1,0 +1,108 @@
+"""Engines and sessions: one engine per process and URL, schema created on first use."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gridtune.errors import UserError
+from models.schema import Base
+
+_lock = threading.Lock()
+_engines: dict[str, Engine] = {}
+# Any fixed number: serialises concurrent create_all calls from many workers on Postgres.
+_SCHEMA_LOCK_ID = 0x6772_6964
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets readers run beside the one writer; the busy timeout makes many worker threads
+    # queue for the write lock instead of failing with "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def _build_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(f"DATABASE_URL is not a database URL: {url!r}") from None
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            if parsed.drivername == "postgresql":
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            # Worker pools run many threads; each holds a connection only for a short write.
+            engine = create_engine(
+                parsed, pool_pre_ping=True, pool_size=10, max_overflow=90, pool_timeout=60
+            )
+    except (NoSuchModuleError, ArgumentError, ImportError) as exc:
+        raise UserError(f"DATABASE_URL {safe_url(url)}: unsupported database: {exc}") from None
+    return engine
+
+
+def create_schema(engine: Engine) -> None:
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
+        Base.metadata.create_all(conn)
+
+
+def get_engine(url: str) -> Engine:
+    """The process's engine for `url`, with the schema in place. Raises UserError if unusable."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _build_engine(url)
+            try:
+                create_schema(engine)
+            except OperationalError as exc:
+                engine.dispose()
+                reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+                raise UserError(f"cannot reach the database at {safe_url(url)}: {reason}") from None
+            except SQLAlchemyError as exc:
+                engine.dispose()
+                raise UserError(f"database {safe_url(url)}: {exc.__class__.__name__}: {exc}") from None
+            _engines[url] = engine
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (after fork, and in tests)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    session = sessionmaker(engine, expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,158 @@
+"""The tables: sweeps, one generation row per request, datasets, fine-tune jobs and their events."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class SweepState:
+    RUNNING = "running"            # requests enqueued, rows arriving
+    STOPPED = "stopped"            # an auth/quota failure stopped it early; see stop_reason
+    FINALIZING = "finalizing"      # the chord body holds it
+    DATASET_READY = "dataset_ready"
+    FINETUNING = "finetuning"
+    DONE = "done"                  # the fine-tune step ended (see the job for how)
+    FAILED = "failed"              # the finalizer could not build a usable dataset
+
+
+class Sweep(Base):
+    __tablename__ = "sweeps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    config: Mapped[dict[str, Any]]
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    total_requests: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(32), default=SweepState.RUNNING)
+    stop_reason: Mapped[str | None] = mapped_column(Text)
+    # How many times the finalizer actually built a dataset (a guard, and what tests count).
+    finalizer_runs: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    enqueued_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    generations: Mapped[list[Generation]] = relationship(back_populates="sweep", lazy="raise")
+
+
+class RowState:
+    OK = "ok"
+    FAILED = "failed"
+
+
+class Generation(Base):
+    """Exactly one row per (sweep, request index): the unique key makes redelivery harmless."""
+
+    __tablename__ = "generations"
+    __table_args__ = (
+        UniqueConstraint("sweep_id", "request_index", name="uq_generation_request"),
+        Index("ix_generation_sweep_state", "sweep_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
+    request_index: Mapped[int] = mapped_column(BigInteger)
+    repeat: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]]
+    prompt: Mapped[str] = mapped_column(Text)
+    input_text: Mapped[str] = mapped_column(Text)
+    response_text: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(String(200))
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    rate_limited: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16))
+    # A short class for grouping (auth, quota, bad_request, server_error, ...) and the full reason.
+    error_kind: Mapped[str | None] = mapped_column(String(40))
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    sweep: Mapped[Sweep] = relationship(back_populates="generations", lazy="raise")
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    train_path: Mapped[str] = mapped_column(Text)
+    validation_path: Mapped[str | None] = mapped_column(Text)
+    legacy_path: Mapped[str | None] = mapped_column(Text)
+    train_examples: Mapped[int] = mapped_column(Integer)
+    validation_examples: Mapped[int] = mapped_column(Integer)
+    train_tokens: Mapped[int] = mapped_column(BigInteger)
+    validation_tokens: Mapped[int] = mapped_column(BigInteger)
+    train_sha256: Mapped[str] = mapped_column(String(64))
+    validation_sha256: Mapped[str | None] = mapped_column(String(64))
+    # What was left out and why: {"failed": n, "truncated": n, "duplicates": n, "too_long": n}
+    dropped: Mapped[dict[str, Any]]
+    encoding: Mapped[str] = mapped_column(String(32))
+
+
+class JobStatus:
+    PENDING = "pending"  # recorded, not yet accepted by the backend
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UNAVAILABLE = "unavailable"  # the provider refused fine-tuning (403 training_not_available)
+    SKIPPED = "skipped"  # backend "none"
+
+    FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, UNAVAILABLE, SKIPPED})
+
+
+class FinetuneJob(Base):
+    __tablename__ = "finetune_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    backend: Mapped[str] = mapped_column(String(32))
+    base_model: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(32), default=JobStatus.PENDING)
+    provider_job_id: Mapped[str | None] = mapped_column(String(200))
+    training_file_id: Mapped[str | None] = mapped_column(String(200))
+    validation_file_id: Mapped[str | None] = mapped_column(String(200))
+    fine_tuned_model: Mapped[str | None] = mapped_column(Text)  # remote model id or local adapter path
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_cost_usd: Mapped[float | None] = mapped_column(Float)
+    error_code: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class FinetuneEvent(Base):
+    """A status change, a provider event or a local training step (step, loss in `data`)."""
+
+    __tablename__ = "finetune_events"
+    __table_args__ = (UniqueConstraint("job_id", "provider_event_id", name="uq_finetune_event"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("finetune_jobs.id", ondelete="CASCADE"), index=True)
+    provider_event_id: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(16), default="info")
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None]

@@ -1,0 +1,260 @@
+"""`python -m producer ...`: create, resume, follow and export sweeps; fine-tune and ask.
+
+Every failure the user can fix is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from gridtune.errors import UserError
+from gridtune.settings import get_settings, reset_settings
+
+log = logging.getLogger("gridtune")
+
+CSV_COLUMNS = ["age", "gender", "power", "prompt", "sub_prompt", "response_txt", "finish_reason"]
+
+
+def _engine():
+    from models import get_engine
+
+    return get_engine(get_settings().database_url)
+
+
+def _check_broker(app) -> None:
+    """Fail fast, with the URL, when the broker or result backend cannot be reached."""
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    settings = get_settings()
+    if settings.embedded:
+        return
+    from models.db import safe_url
+
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+    except (KombuOperationalError, OSError) as exc:
+        raise UserError(f"cannot reach the broker at {safe_url(settings.broker_url)}: {exc}") from None
+    try:
+        app.backend.client.ping()
+    except AttributeError:
+        pass  # not a Redis backend
+    except Exception as exc:  # noqa: BLE001 - any failure here means the backend is unusable
+        raise UserError(f"cannot reach the result backend: {exc}") from None
+
+
+@contextmanager
+def _embedded_runtime() -> Iterator[None]:
+    """Embedded mode: a local API server when there is no key, and an in-process worker."""
+    settings = get_settings()
+    with ExitStack() as stack:
+        if not settings.openai_api_key and not settings.openai_base_url:
+            import localapi
+
+            server = stack.enter_context(localapi.running())
+            os.environ.update(
+                OPENAI_API_KEY="sk-local-gridtune-placeholder",
+                OPENAI_BASE_URL=server.base_url,
+            )
+            os.environ.setdefault("GRIDTUNE_FINETUNE_POLL_SECONDS", "0.5")
+            reset_settings()
+            from worker.context import reset_context
+
+            reset_context()
+            banner = (
+                "*** No OPENAI_API_KEY: running against gridtune's LOCAL OpenAI-compatible server at "
+                f"{server.base_url}. Responses are synthetic. Set OPENAI_API_KEY for real ones. ***"
+            )
+            print(banner, file=sys.stderr, flush=True)
+        elif not settings.openai_api_key:
+            raise UserError(f"OPENAI_API_KEY is not set (needed for OPENAI_BASE_URL={settings.openai_base_url})")
+        from worker.app import app
+        from worker.embedded import in_process_worker
+
+        stack.enter_context(in_process_worker(app, get_settings().embedded_concurrency))
+        yield
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gridtune.sweep import load_config
+    from producer import progress
+    from producer.enqueue import enqueue_sweep
+    from worker.app import app
+
+    settings = get_settings()
+    config = load_config(args.config, max_requests=settings.max_requests)
+    name = args.name or config.name or (Path(args.config).stem if args.config else "superhero")
+    engine = _engine()
+    _check_broker(app)
+    wait = args.wait or settings.embedded
+    with _embedded_runtime() if settings.embedded else ExitStack():
+        print(f"sweep {name}: {config.total_requests:,} requests "
+              f"({config.combinations:,} combinations x {config.repeats} repeats)", file=sys.stderr, flush=True)
+
+        def on_progress(sent: int) -> None:
+            print(f"  enqueued {sent:,}", file=sys.stderr, flush=True)
+
+        result = enqueue_sweep(app, engine, name, config, replace_config=args.replace_config,
+                               batch=settings.enqueue_batch, on_progress=on_progress)
+        verb = "created" if result.created else "resumed"
+        print(f"sweep {name} {verb}: {result.sent:,} requests enqueued, {result.already_done:,} already done",
+              file=sys.stderr, flush=True)
+        if result.sent == 0 and not result.created:
+            print(f"nothing to do: every request of {name} has an ok row "
+                  f"(state {result.sweep.state}); `python -m producer finetune {name}` re-runs the fine-tune step",
+                  file=sys.stderr)
+        if not wait or result.sent == 0:
+            if args.json:
+                progress.dump_json(progress.snapshot(engine, name))
+            return 0
+        snap = progress.follow(engine, name, timeout=args.timeout, as_json=args.json)
+    if args.json:
+        progress.dump_json(snap)
+    else:
+        print(progress.describe(snap))
+    if not progress.is_finished(snap):
+        print(f"gridtune: still running after {args.timeout}s; follow with `python -m producer status {name} --watch`",
+              file=sys.stderr)
+        return 1
+    return 0 if snap["state"] != "failed" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from producer import progress
+
+    engine = _engine()
+    if args.watch:
+        snap = progress.follow(engine, args.name, interval=args.interval, as_json=args.json)
+    else:
+        snap = progress.snapshot(engine, args.name)
+    if args.json:
+        progress.dump_json(snap)
+    else:
+        print(progress.describe(snap))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from models import store
+
+    sweeps = store.list_sweeps(_engine())
+    if args.json:
+        print(json.dumps([{"name": s.name, "state": s.state, "total": s.total_requests,
+                           "created_at": s.created_at.isoformat()} for s in sweeps], indent=2))
+        return 0
+    for s in sweeps:
+        print(f"{s.name:30} {s.state:15} {s.total_requests:>10,} requests  created {s.created_at:%Y-%m-%d %H:%M}")
+    if not sweeps:
+        print("no sweeps yet: run `python -m producer sweep`", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from models import RowState, store
+    from worker.dataset import chat_example, legacy_example
+
+    if not (args.csv or args.jsonl):
+        raise UserError("say what to write: --csv PATH and/or --jsonl PATH")
+    engine = _engine()
+    sweep = store.get_sweep(engine, args.name)
+    config = store.sweep_config(sweep)
+    written = 0
+    with ExitStack() as stack:
+        csv_writer = jsonl = None
+        if args.csv:
+            handle = stack.enter_context(_open_out(args.csv))
+            names = list(config.dimensions)
+            # The tutorial's columns, with this sweep's dimensions in place of age/gender/power.
+            columns = names + ["prompt", "sub_prompt", "response_txt", "finish_reason", "state", "error"]
+            csv_writer = csv.writer(handle)
+            csv_writer.writerow(columns)
+        if args.jsonl:
+            jsonl = stack.enter_context(_open_out(args.jsonl))
+        for row in store.iter_rows(engine, sweep.id):
+            if csv_writer:
+                csv_writer.writerow([row.params.get(n) for n in config.dimensions] + [
+                    row.prompt, row.input_text, row.response_text or "", row.finish_reason or "",
+                    row.state, row.error or ""])
+            if jsonl and row.state == RowState.OK and row.response_text:
+                example = (legacy_example(row.input_text, row.response_text) if args.legacy
+                           else chat_example(config, row.input_text, row.response_text))
+                jsonl.write(json.dumps(example, ensure_ascii=False) + "\n")
+            written += 1
+    print(f"exported {written:,} rows of {sweep.name}", file=sys.stderr)
+    return 0
+
+
+@contextmanager
+def _open_out(path: str):
+    try:
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m producer",
+        description="gridtune: a grid of prompt parameters -> a fine-tuning dataset -> a fine-tuned model.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sweep = commands.add_parser("sweep", help="create a sweep and enqueue its requests (re-run to resume)")
+    sweep.add_argument("--config", help="sweep config TOML (default: sweeps/superhero.toml)")
+    sweep.add_argument("--name", help="sweep name (default: the config's `name`)")
+    sweep.add_argument("--wait", action="store_true", help="follow progress until the sweep ends (always, embedded)")
+    sweep.add_argument("--timeout", type=float, default=None, help="with --wait: stop waiting after this many seconds")
+    sweep.add_argument("--replace-config", action="store_true",
+                       help="resume an existing sweep with a different config")
+    sweep.add_argument("--json", action="store_true", help="print the final status as JSON")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    status = commands.add_parser("status", help="counts by state, tokens, pace, time left")
+    status.add_argument("name")
+    status.add_argument("--watch", action="store_true", help="follow live until the sweep ends")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    status.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    status.set_defaults(handler=cmd_status)
+
+    listing = commands.add_parser("list", help="all sweeps")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_list)
+
+    export = commands.add_parser("export", help="write a sweep's rows as CSV and/or training JSONL")
+    export.add_argument("name")
+    export.add_argument("--csv", help="the tutorial's columns, one row per request")
+    export.add_argument("--jsonl", help="chat-format training lines for every ok row")
+    export.add_argument("--legacy", action="store_true", help="with --jsonl: prompt/completion form (' ->', ' END')")
+    export.set_defaults(handler=cmd_export)
+
+    from producer import tuning
+
+    tuning.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"gridtune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gridtune: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130

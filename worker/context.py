@@ -1,0 +1,100 @@
+"""Per-process resources a worker shares across its threads: engine, API client, rate limiter.
+
+Created lazily on first use and dropped after a fork (prefork children must not share sockets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from functools import cached_property, lru_cache
+
+import redis
+
+from gridtune.settings import Settings, get_settings
+from gridtune.sweep import SweepConfig, config_from_snapshot
+from models import get_engine
+from worker.ratelimit import Limits, RateLimiter
+
+log = logging.getLogger(__name__)
+
+
+class WorkerContext:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._configured_budgets: set[str] = set()
+        self._lock = threading.Lock()
+
+    @cached_property
+    def engine(self):
+        return get_engine(self.settings.database_url)
+
+    @cached_property
+    def client(self):
+        from worker.llm import make_client
+
+        return make_client(self.settings)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        """The Redis that holds shared state (rate budget, cool-downs, progress counters)."""
+        url = self.settings.shared_redis_url
+        if url:
+            # redis-py raises instead of waiting when its pool is exhausted: size it above the
+            # thread pool and make it block.
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=self.settings.worker_concurrency + 20, timeout=30
+            )
+            return redis.Redis(connection_pool=pool)
+        from worker.embedded import in_process_redis
+
+        if not self.settings.embedded:
+            log.warning("no Redis configured (GRIDTUNE_REDIS_URL): the rate budget is per process")
+        return in_process_redis()
+
+    @cached_property
+    def limiter(self) -> RateLimiter:
+        return RateLimiter(self.redis)
+
+    def configure_budget(self, key: str, config: SweepConfig) -> None:
+        """Tell the shared limiter about configured limits, once per process and budget."""
+        if key in self._configured_budgets:
+            return
+        with self._lock:
+            limits = Limits(
+                rpm=self.settings.rpm or config.model.rpm, tpm=self.settings.tpm or config.model.tpm
+            )
+            if limits.rpm or limits.tpm:
+                self.limiter.configure(key, limits)
+            self._configured_budgets.add(key)
+
+
+@lru_cache(maxsize=64)
+def _config(fingerprint: str, snapshot_json: str) -> SweepConfig:
+    import json
+
+    return config_from_snapshot(json.loads(snapshot_json))
+
+
+def sweep_config_of(sweep) -> SweepConfig:
+    """A stored sweep's config, parsed once per process and config version."""
+    import json
+
+    return _config(sweep.fingerprint, json.dumps(sweep.config, sort_keys=True))
+
+
+_context: WorkerContext | None = None
+_context_pid: int | None = None
+
+
+def get_context() -> WorkerContext:
+    global _context, _context_pid
+    if _context is None or _context_pid != os.getpid():
+        _context, _context_pid = WorkerContext(get_settings()), os.getpid()
+    return _context
+
+
+def reset_context() -> None:
+    global _context
+    _context = None

@@ -1,0 +1,241 @@
+"""The finalizer's work: stored rows -> a validated chat-format training set (and validation set).
+
+Reads the database, never the chord's results. Streams rows, so 100k rows need little memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from gridtune.sweep import SweepConfig
+from models import RowState, SweepState, session_scope, store
+from models.schema import Dataset
+from worker.context import WorkerContext, sweep_config_of
+from worker.tokens import count_messages, encoding_name
+
+log = logging.getLogger(__name__)
+
+KNOWN_ROLES = {"system", "user", "assistant", "function"}
+KNOWN_MESSAGE_KEYS = {"role", "content", "name", "function_call", "weight"}
+LEGACY_SEPARATOR = " ->"
+LEGACY_STOP = " END"
+
+
+def validate_example(example: Any) -> list[str]:
+    """The fine-tuning format checks for one chat example; an empty list means valid."""
+    if not isinstance(example, dict):
+        return ["not a JSON object"]
+    messages = example.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return ["`messages` must be a non-empty list"]
+    problems = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            problems.append(f"message {i} is not an object")
+            continue
+        if unknown := set(message) - KNOWN_MESSAGE_KEYS:
+            problems.append(f"message {i} has unknown keys {sorted(unknown)}")
+        if message.get("role") not in KNOWN_ROLES:
+            problems.append(f"message {i} has unknown role {message.get('role')!r}")
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            problems.append(f"message {i} has empty or non-string content")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        problems.append("no assistant message")
+    return problems
+
+
+def chat_example(config: SweepConfig, input_text: str, response: str) -> dict[str, Any]:
+    messages = []
+    if config.templates.system:
+        messages.append({"role": "system", "content": config.templates.system})
+    messages.append({"role": "user", "content": input_text})
+    messages.append({"role": "assistant", "content": response})
+    return {"messages": messages}
+
+
+def legacy_example(input_text: str, response: str) -> dict[str, str]:
+    """The tutorial's prompt/completion form: separator ' ->', leading space, stop word ' END'."""
+    return {"prompt": input_text + LEGACY_SEPARATOR, "completion": " " + response.strip() + LEGACY_STOP}
+
+
+def in_validation(seed: int, fraction: float, input_text: str, response: str) -> bool:
+    """Deterministic split: the same example always lands on the same side."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}\x00{input_text}\x00{response}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclass
+class Split:
+    path: Path
+    examples: int = 0
+    tokens: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class DatasetSummary:
+    train: Split
+    validation: Split | None
+    legacy_path: Path | None
+    dropped: dict[str, int] = field(default_factory=dict)
+    encoding: str = "o200k_base"
+
+
+class _Writer:
+    """Writes JSON lines to `path` atomically (a temp file renamed on success) and hashes them."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_suffix(path.suffix + ".tmp")
+        self.file = open(self.tmp, "w", encoding="utf-8")
+        self.hash = hashlib.sha256()
+
+    def write(self, obj: dict[str, Any]) -> None:
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        self.file.write(line)
+        self.hash.update(line.encode())
+
+    def commit(self) -> str:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.hash.hexdigest()
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_dataset(
+    rows: Iterable[tuple[str, str | None, str | None, str]], config: SweepConfig, out_dir: Path
+) -> DatasetSummary:
+    """rows: (state, finish_reason, response_text, input_text). Writes train/validation(/legacy) JSONL."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = config.dataset
+    encoding = encoding_name(config.finetune.base_model)
+    limit = config.finetune.max_example_tokens
+    dropped = {"failed": 0, "truncated": 0, "duplicates": 0, "too_long": 0, "invalid": 0}
+    seen: set[bytes] = set()
+    train = Split(out_dir / "train.jsonl")
+    validation = Split(out_dir / "validation.jsonl") if settings.validation_fraction > 0 else None
+    writers = {id(train): _Writer(train.path)}
+    if validation:
+        writers[id(validation)] = _Writer(validation.path)
+    legacy = _Writer(out_dir / "legacy.jsonl") if settings.legacy_format else None
+    try:
+        for state, finish_reason, response, input_text in rows:
+            if state != RowState.OK or not response:
+                dropped["failed"] += 1
+                continue
+            if finish_reason == "length":
+                dropped["truncated"] += 1
+                continue
+            key = hashlib.sha1(f"{input_text}\x00{response}".encode()).digest()
+            if key in seen:
+                dropped["duplicates"] += 1
+                continue
+            seen.add(key)
+            example = chat_example(config, input_text, response)
+            if validate_example(example):
+                dropped["invalid"] += 1
+                continue
+            tokens = count_messages(example["messages"], encoding)
+            if tokens > limit:
+                dropped["too_long"] += 1
+                continue
+            split = validation if validation and in_validation(
+                settings.split_seed, settings.validation_fraction, input_text, response) else train
+            writers[id(split)].write(example)
+            split.examples += 1
+            split.tokens += tokens
+            if legacy:
+                legacy.write(legacy_example(input_text, response))
+        train.sha256 = writers[id(train)].commit()
+        if validation:
+            if validation.examples:
+                validation.sha256 = writers[id(validation)].commit()
+            else:
+                writers[id(validation)].discard()
+                validation = None
+        legacy_path = None
+        if legacy:
+            legacy.commit()
+            legacy_path = legacy.path
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        if legacy:
+            legacy.discard()
+        raise
+    return DatasetSummary(train, validation, legacy_path, dropped, encoding)
+
+
+@dataclass(frozen=True)
+class FinalizeResult:
+    state: str
+    dataset_id: int | None = None
+    message: str = ""
+
+
+def _rows(ctx: WorkerContext, sweep_id: int) -> Iterator[tuple[str, str | None, str | None, str]]:
+    for row in store.iter_rows(ctx.engine, sweep_id):
+        yield row.state, row.finish_reason, row.response_text, row.input_text
+
+
+def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
+    engine = ctx.engine
+    sweep = store.get_sweep_by_id(engine, sweep_id)
+    counts = store.sweep_counts(engine, sweep)
+    if counts.missing:
+        # A chord from an interrupted enqueue cannot complete; one that did means rows are
+        # still missing (the broker lost tasks). `sweep` again resumes and finalizes.
+        log.warning("sweep %s: %d requests have no row yet; not finalizing", sweep.name, counts.missing)
+        return FinalizeResult("incomplete", message=f"{counts.missing} requests have no row")
+    if not store.claim_finalizer(engine, sweep_id):
+        log.info("sweep %s: already finalized (state %s)", sweep.name, sweep.state)
+        return FinalizeResult("already_finalized")
+    config = sweep_config_of(sweep)
+    out_dir = ctx.settings.data_dir / sweep.name
+    summary = write_dataset(_rows(ctx, sweep_id), config, out_dir)
+    dropped = ", ".join(f"{n} {why}" for why, n in summary.dropped.items() if n) or "none"
+    if summary.train.examples < config.dataset.min_examples:
+        message = (
+            f"only {summary.train.examples} usable training examples (at least "
+            f"{config.dataset.min_examples} needed); dropped: {dropped}"
+        )
+        if sweep.stop_reason:
+            message += f"; the sweep was stopped: {sweep.stop_reason}"
+        store.set_sweep_state(engine, sweep_id, SweepState.FAILED, message)
+        log.error("sweep %s: %s", sweep.name, message)
+        return FinalizeResult(SweepState.FAILED, message=message)
+    with session_scope(engine) as session:
+        dataset = Dataset(
+            sweep_id=sweep_id,
+            train_path=str(summary.train.path.resolve()),
+            validation_path=str(summary.validation.path.resolve()) if summary.validation else None,
+            legacy_path=str(summary.legacy_path.resolve()) if summary.legacy_path else None,
+            train_examples=summary.train.examples,
+            validation_examples=summary.validation.examples if summary.validation else 0,
+            train_tokens=summary.train.tokens,
+            validation_tokens=summary.validation.tokens if summary.validation else 0,
+            train_sha256=summary.train.sha256,
+            validation_sha256=summary.validation.sha256 if summary.validation else None,
+            dropped=summary.dropped,
+            encoding=summary.encoding,
+        )
+        session.add(dataset)
+        session.flush()
+        dataset_id = dataset.id
+    store.set_sweep_state(engine, sweep_id, SweepState.DATASET_READY)
+    log.info(
+        "sweep %s: dataset ready: %d train / %d validation examples, %d tokens; dropped: %s",
+        sweep.name, summary.train.examples, dataset.validation_examples, summary.train.tokens, dropped,
+    )
+    return FinalizeResult(SweepState.DATASET_READY, dataset_id=dataset_id)

@@ -1,0 +1,82 @@
+"""Celery tasks: thin wrappers around plain functions (generation, dataset, finetune).
+
+Arguments are ids only (no key, no config blob), so broker messages, results and Flower show
+nothing secret and stay small.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from worker.app import app
+from worker.context import get_context
+from worker.generation import DB_UNAVAILABLE, run_request
+from worker.llm import backoff
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name="gridtune.generate", bind=True, ignore_result=True, max_retries=None)
+def generate(self, sweep_id: int, index: int, attempts: int = 0, rate_limited: int = 0) -> None:
+    """Request `index` of sweep `sweep_id`: store its row, or come back later."""
+    ctx = get_context()
+    try:
+        outcome = run_request(ctx, sweep_id, index, attempts, rate_limited)
+    except DB_UNAVAILABLE as exc:
+        # The database is away: nothing was stored, so run again later (the API call is repeated
+        # only if this run had made one and could not store it within DB_WRITE_PATIENCE).
+        countdown = min(backoff(self.request.retries, ctx.settings.backoff_cap, base=2.0) + 1, ctx.settings.max_countdown)
+        log.warning("request %s/%s: database unavailable (%s); retry in %.0fs", sweep_id, index, exc.__class__.__name__, countdown)
+        raise self.retry(countdown=countdown, kwargs={"attempts": attempts, "rate_limited": rate_limited})
+    if outcome.retry_in is not None:
+        raise self.retry(
+            countdown=outcome.retry_in,
+            kwargs={"attempts": outcome.attempts, "rate_limited": outcome.rate_limited},
+        )
+
+
+@app.task(name="gridtune.finalize", bind=True, max_retries=None)
+def finalize(self, sweep_id: int) -> str:
+    """The chord body: build the dataset from the database and hand it to the fine-tune step."""
+    from worker.dataset import finalize_sweep
+
+    ctx = get_context()
+    try:
+        result = finalize_sweep(ctx, sweep_id)
+    except DB_UNAVAILABLE:
+        raise self.retry(countdown=min(10 * (self.request.retries + 1), ctx.settings.max_countdown))
+    if result.dataset_id is not None:
+        start_finetune(sweep_id, result.dataset_id)
+    return result.state
+
+
+def start_finetune(sweep_id: int, dataset_id: int) -> None:
+    from worker import finetune
+
+    follow(finetune.submit(get_context(), sweep_id, dataset_id))
+
+
+def follow(step) -> None:
+    """Schedule what the fine-tune step asks for next."""
+    if step is None or step.job_id is None:
+        return
+    if step.run_local:
+        finetune_local.apply_async((step.job_id,))
+    elif step.poll_in is not None:
+        finetune_poll.apply_async((step.job_id,), countdown=step.poll_in)
+
+
+@app.task(name="gridtune.finetune_poll", bind=True, max_retries=None)
+def finetune_poll(self, job_id: int) -> None:
+    """Follow a remote fine-tune job; reschedules itself until the job ends."""
+    from worker import finetune
+
+    follow(finetune.poll(get_context(), job_id))
+
+
+@app.task(name="gridtune.finetune_local", bind=True, acks_late=True, max_retries=0)
+def finetune_local(self, job_id: int) -> None:
+    """LoRA training on this machine (routed to the `finetune` queue: run it where the GPU is)."""
+    from worker import finetune
+
+    finetune.train_local(get_context(), job_id)
