@@ -55,7 +55,9 @@ class WorkerContext:
 
     @cached_property
     def limiter(self) -> RateLimiter:
-        return RateLimiter(self.redis)
+        # Unknown limits = no limit until the first x-ratelimit-* headers teach them (servers
+        # that send none, like many self-hosted ones, are then never throttled by us).
+        return RateLimiter(self.redis, fallback=Limits())
 
     def configure_budget(self, key: str, config: SweepConfig) -> None:
         """Tell the shared limiter about configured limits, once per process and budget."""
