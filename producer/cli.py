@@ -115,7 +115,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if args.json:
                 progress.dump_json(progress.snapshot(engine, name))
             return 0
-        snap = progress.follow(engine, name, timeout=args.timeout, as_json=args.json)
+        snap = progress.follow(engine, name, timeout=args.timeout, as_json=args.json,
+                               in_flight=_in_flight_counter(engine, name))
     if args.json:
         progress.dump_json(snap)
     else:
@@ -127,14 +128,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if snap["state"] != "failed" else 1
 
 
+def _in_flight_counter(engine, name: str):
+    """A callable giving the sweep's in-flight requests, or None where no shared Redis is known."""
+    from models import store
+    from worker.context import count_in_flight, get_context
+
+    settings = get_settings()
+    if not (settings.embedded or settings.shared_redis_url):
+        return lambda: None
+    sweep_id = store.get_sweep(engine, name).id
+    client = get_context().redis
+
+    def count() -> int | None:
+        try:
+            return count_in_flight(client, sweep_id)
+        except Exception:  # noqa: BLE001 - progress must not die with Redis
+            return None
+
+    return count
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from producer import progress
 
     engine = _engine()
+    counter = _in_flight_counter(engine, args.name)
     if args.watch:
-        snap = progress.follow(engine, args.name, interval=args.interval, as_json=args.json)
+        snap = progress.follow(engine, args.name, interval=args.interval, as_json=args.json, in_flight=counter)
     else:
-        snap = progress.snapshot(engine, args.name)
+        snap = progress.snapshot(engine, args.name, counter())
     if args.json:
         progress.dump_json(snap)
     else:
@@ -258,3 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gridtune: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return 0  # the reader went away (`| head`): not an error
+    except Exception as exc:  # noqa: BLE001 - a bug still gets one line, the traceback on -v
+        if args.verbose:
+            raise
+        print(f"gridtune: internal error: {exc.__class__.__name__}: {exc} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1

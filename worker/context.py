@@ -8,7 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from contextlib import contextmanager
 from functools import cached_property, lru_cache
+from typing import Iterator
 
 import redis
 
@@ -70,6 +73,33 @@ class WorkerContext:
             if limits.rpm or limits.tpm:
                 self.limiter.configure(key, limits)
             self._configured_budgets.add(key)
+
+
+IN_FLIGHT_KEY = "gridtune:inflight:{sweep_id}"
+# A task that died without saying so stops counting as in flight after this long.
+IN_FLIGHT_HORIZON = 600
+
+
+@contextmanager
+def in_flight(client: redis.Redis, sweep_id: int, task_id: str) -> Iterator[None]:
+    """Count a running request for progress displays (a sorted set: a crashed worker's entries age out)."""
+    key = IN_FLIGHT_KEY.format(sweep_id=sweep_id)
+    try:
+        client.zadd(key, {task_id: time.time()})
+        client.expire(key, IN_FLIGHT_HORIZON)
+    except redis.RedisError:
+        log.debug("cannot record in-flight request", exc_info=True)
+    try:
+        yield
+    finally:
+        try:
+            client.zrem(key, task_id)
+        except redis.RedisError:
+            log.debug("cannot clear in-flight request", exc_info=True)
+
+
+def count_in_flight(client: redis.Redis, sweep_id: int) -> int:
+    return client.zcount(IN_FLIGHT_KEY.format(sweep_id=sweep_id), time.time() - IN_FLIGHT_HORIZON, "+inf")
 
 
 @lru_cache(maxsize=64)

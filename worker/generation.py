@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError, InterfaceError
 
+from gridtune.errors import UserError
 from gridtune.sweep import Request, SweepConfig, request_at
 from models import RowState, SweepState, store
 from models.schema import utcnow
@@ -81,6 +82,14 @@ def _store(ctx: WorkerContext, values: dict[str, Any]) -> bool:
             delay = min(delay * 2, 5.0)
 
 
+def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: BaseException) -> None:
+    """A bug must not lose the row or block the chord: store it as failed with the reason."""
+    sweep = store.get_sweep_by_id(ctx.engine, sweep_id)
+    request = request_at(sweep_config_of(sweep), index)
+    _store(ctx, _row(sweep_id, request, state=RowState.FAILED, error_kind="internal",
+                     error=llm.redact(f"{exc.__class__.__name__}: {exc}", ctx.settings)[:2000]))
+
+
 def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0, rate_limited: int = 0) -> Outcome:
     """Generate and store request `index` of sweep `sweep_id` (see the module docstring)."""
     engine, settings = ctx.engine, ctx.settings
@@ -100,6 +109,11 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
     if sweep.state == SweepState.STOPPED:
         return fail("stopped", f"not sent: the sweep was stopped ({sweep.stop_reason})")
 
+    try:
+        client = ctx.client
+    except UserError as exc:  # no API key in this worker's environment
+        store.stop_sweep(engine, sweep_id, str(exc))
+        return fail("auth", str(exc))
     messages = build_messages(config, request.prompt)
     key = llm.budget_key(config.model.name, settings)
     ctx.configure_budget(key, config)
@@ -117,7 +131,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         attempts += 1
         began = time.monotonic()
         try:
-            raw = ctx.client.chat.completions.with_raw_response.create(**params)
+            raw = client.chat.completions.with_raw_response.create(**params)
             ctx.limiter.observe(key, raw.headers)
             completion = raw.parse()
         except Exception as exc:  # noqa: BLE001 - every failure is classified below

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 
 from worker.app import app
-from worker.context import get_context
-from worker.generation import DB_UNAVAILABLE, run_request
+from worker.context import get_context, in_flight
+from worker.generation import DB_UNAVAILABLE, record_internal_failure, run_request
 from worker.llm import backoff
 
 log = logging.getLogger(__name__)
@@ -21,13 +21,18 @@ def generate(self, sweep_id: int, index: int, attempts: int = 0, rate_limited: i
     """Request `index` of sweep `sweep_id`: store its row, or come back later."""
     ctx = get_context()
     try:
-        outcome = run_request(ctx, sweep_id, index, attempts, rate_limited)
+        with in_flight(ctx.redis, sweep_id, self.request.id):
+            outcome = run_request(ctx, sweep_id, index, attempts, rate_limited)
     except DB_UNAVAILABLE as exc:
         # The database is away: nothing was stored, so run again later (the API call is repeated
         # only if this run had made one and could not store it within DB_WRITE_PATIENCE).
         countdown = min(backoff(self.request.retries, ctx.settings.backoff_cap, base=2.0) + 1, ctx.settings.max_countdown)
         log.warning("request %s/%s: database unavailable (%s); retry in %.0fs", sweep_id, index, exc.__class__.__name__, countdown)
         raise self.retry(countdown=countdown, kwargs={"attempts": attempts, "rate_limited": rate_limited})
+    except Exception as exc:  # noqa: BLE001 - a raising header task would stop the chord body
+        log.exception("request %s/%s failed unexpectedly", sweep_id, index)
+        record_internal_failure(ctx, sweep_id, index, exc)
+        return
     if outcome.retry_in is not None:
         raise self.retry(
             countdown=outcome.retry_in,
