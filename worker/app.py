@@ -32,7 +32,7 @@ def celery_config(settings: Settings) -> dict:
     if settings.embedded:
         transport["polling_interval"] = 0.01  # the 1 s default makes the memory broker crawl
     return dict(
-        broker_url=settings.broker_url or "memory://",
+        broker_url=settings.broker_url or "memory://localhost/",
         result_backend=result_backend_for(settings),
         broker_transport_options=transport,
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
