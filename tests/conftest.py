@@ -41,7 +41,9 @@ def redis_server() -> str:
 @pytest.fixture
 def redis_db(redis_server) -> str:
     """A flushed Redis database of its own (1..14) for one test."""
-    db = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 14 + 1
+    # GRIDTUNE_TEST_REDIS_DB lets concurrent test runs on one machine keep out of each other's way.
+    db = int(os.environ.get("GRIDTUNE_TEST_REDIS_DB") or
+             int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 14 + 1)
     url = f"{redis_server}/{db}"
     redis.Redis.from_url(url).flushdb()
     yield url
