@@ -51,9 +51,11 @@ def _build_engine(url: str) -> Engine:
         else:
             if parsed.drivername == "postgresql":
                 parsed = parsed.set(drivername="postgresql+psycopg")
-            # Worker pools run many threads; each holds a connection only for a short write.
+            # Worker pools run many threads, but each holds a connection only for a short query:
+            # 20 per process is plenty and keeps several workers under Postgres's default
+            # max_connections (100). Threads beyond that wait for a free connection.
             engine = create_engine(
-                parsed, pool_pre_ping=True, pool_size=10, max_overflow=90, pool_timeout=60
+                parsed, pool_pre_ping=True, pool_size=5, max_overflow=15, pool_timeout=60
             )
     except (NoSuchModuleError, ArgumentError, ImportError) as exc:
         raise UserError(f"DATABASE_URL {safe_url(url)}: unsupported database: {exc}") from None

@@ -28,7 +28,13 @@ def result_backend_for(settings: Settings) -> str:
 
 
 def celery_config(settings: Settings) -> dict:
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        # kombu scans for a dead worker's unacked messages every interval x throttle (10 s x 10 by
+        # default): without these they come back up to ~100 s after the visibility timeout.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+        "unacked_restore_throttle": 1,
+    }
     if settings.embedded:
         transport["polling_interval"] = 0.01  # the 1 s default makes the memory broker crawl
     return dict(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+import redis
+
 from worker.app import app
 from worker.context import get_context, in_flight
 from worker.generation import DB_UNAVAILABLE, record_internal_failure, run_request
@@ -23,15 +25,19 @@ def generate(self, sweep_id: int, index: int, attempts: int = 0, rate_limited: i
     try:
         with in_flight(ctx.redis, sweep_id, self.request.id):
             outcome = run_request(ctx, sweep_id, index, attempts, rate_limited)
-    except DB_UNAVAILABLE as exc:
-        # The database is away: nothing was stored, so run again later (the API call is repeated
-        # only if this run had made one and could not store it within DB_WRITE_PATIENCE).
+    except (*DB_UNAVAILABLE, redis.ConnectionError, redis.TimeoutError) as exc:
+        # The database (or the Redis holding the rate budget) is away: nothing was stored, so run
+        # again later (the API call is repeated only if this run made one and could not store it
+        # within DB_WRITE_PATIENCE).
         countdown = min(backoff(self.request.retries, ctx.settings.backoff_cap, base=2.0) + 1, ctx.settings.max_countdown)
-        log.warning("request %s/%s: database unavailable (%s); retry in %.0fs", sweep_id, index, exc.__class__.__name__, countdown)
+        log.warning("request %s/%s: database or Redis unavailable (%s); retry in %.0fs", sweep_id, index, exc.__class__.__name__, countdown)
         raise self.retry(countdown=countdown, kwargs={"attempts": attempts, "rate_limited": rate_limited})
     except Exception as exc:  # noqa: BLE001 - a raising header task would stop the chord body
         log.exception("request %s/%s failed unexpectedly", sweep_id, index)
-        record_internal_failure(ctx, sweep_id, index, exc)
+        try:
+            record_internal_failure(ctx, sweep_id, index, exc)
+        except (LookupError, IndexError):  # the request is no longer in the sweep's grid
+            log.error("request %s/%s: not in the sweep's current grid; dropped", sweep_id, index)
         return
     if outcome.retry_in is not None:
         raise self.retry(
@@ -59,6 +65,12 @@ def start_finetune(sweep_id: int, dataset_id: int) -> None:
     from worker import finetune
 
     follow(finetune.submit(get_context(), sweep_id, dataset_id))
+
+
+@app.task(name="gridtune.finetune_submit", ignore_result=True)
+def finetune_submit(sweep_id: int, dataset_id: int) -> None:
+    """`python -m producer finetune` with workers: the fine-tune step, run where the dataset is."""
+    start_finetune(sweep_id, dataset_id)
 
 
 def follow(step) -> None:

@@ -1,0 +1,245 @@
+"""Secrets stay in the workers' environment: the API key is never in a broker message, a result,
+a database row or a log file.
+
+The key is recognisable (sk-SECRETCANARY + random hex) and given ONLY to the worker processes.
+Task messages are captured exactly as the producer sent them (enqueued before any worker runs),
+then Redis is dumped (type-aware, message bodies decoded) repeatedly while the workers run (retries
+and fine-tune polls are published by the workers, which do hold the key) and once at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+
+import localapi
+from tests.support import clean_env, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+CONFIG = """
+repeats = 1
+[dimensions]
+n = {values}
+[templates]
+prompt = "Describe hero number {{n}} in two sentences."
+input = "hero {{n}}"
+[model]
+max_output_tokens = 200
+[dataset]
+min_examples = 5
+[finetune]
+backend = "openai"
+"""
+
+
+def sa_url(url: str) -> str:
+    return url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def expand(value: bytes) -> list[bytes]:
+    """A stored value plus what it hides: a kombu message's base64 body, JSON inside JSON."""
+    found = [value]
+    try:
+        data = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return found
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("properties", {}).get("body_encoding") == "base64" and isinstance(item.get("body"), str):
+                body = base64.b64decode(item["body"])
+                found.extend(expand(body))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and item[:1] in "[{":
+            try:
+                stack.append(json.loads(item))
+            except ValueError:
+                pass
+    return found
+
+
+def dump_redis(client: redis.Redis) -> dict[bytes, list[bytes]]:
+    """Every key's content, by type, with message bodies decoded."""
+    dump: dict[bytes, list[bytes]] = {}
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        if kind == b"string":
+            values = [client.get(key) or b""]
+        elif kind == b"list":
+            values = client.lrange(key, 0, -1)
+        elif kind == b"hash":
+            values = [b for pair in client.hgetall(key).items() for b in pair]
+        elif kind == b"set":
+            values = list(client.smembers(key))
+        elif kind == b"zset":
+            values = [member for member, _ in client.zrange(key, 0, -1, withscores=True)]
+        else:
+            values = [repr(client.dump(key)).encode()]
+        dump[key] = [key] + [v for value in values for v in expand(value)]
+    return dump
+
+
+def occurrences(dump: dict[bytes, list[bytes]], needles: list[bytes]) -> list[tuple[bytes, bytes]]:
+    return [(key, needle) for key, values in dump.items() for value in values for needle in needles
+            if needle in value]
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, with no persistence (restarting it empties it). Tests use
+    it instead of the shared 6379 one: other test runs' workers consume the same queue names."""
+
+    def __init__(self, port: int, workdir: Path):
+        self.port, self.workdir = port, workdir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is required"
+        self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(self.workdir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        wait_for(lambda: self._ping(client), 10, 0.05, "the private redis-server")
+
+    @staticmethod
+    def _ping(client) -> bool:
+        try:
+            return client.ping()
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_db(private_redis) -> str:
+    """Overrides the shared-Redis fixture: a broker nobody else's workers listen to."""
+    return private_redis.url
+
+
+def test_api_key_never_leaves_the_workers(redis_db, postgres_db, start_workers, tmp_path):
+    key = "sk-SECRETCANARY" + secrets.token_hex(16)
+    needles = [key.encode(), key[-12:].encode()]
+    total = 60
+    config = tmp_path / "secret.toml"
+    config.write_text(CONFIG.format(values=json.dumps(list(range(total)))), encoding="utf-8")
+    client = redis.Redis.from_url(redis_db)
+
+    with localapi.running(api_keys=(key,), fault_rate=0.3, faults=("500", "malformed", "429")) as api:
+        common = {
+            "CELERY_BROKER_URL": redis_db,
+            "DATABASE_URL": postgres_db,
+            "OPENAI_BASE_URL": api.base_url,
+            "GRIDTUNE_VISIBILITY_TIMEOUT": "20",
+            "GRIDTUNE_MAX_INLINE_WAIT": "0.2",  # longer waits become retries: messages sent by workers
+            "GRIDTUNE_BACKOFF_CAP": "2",
+            "GRIDTUNE_MAX_ATTEMPTS": "2",
+            "GRIDTUNE_FINETUNE_POLL_SECONDS": "0.5",
+            "GRIDTUNE_DATA_DIR": str(tmp_path / "gridtune-data"),
+        }
+        # 1. The producer has no key; its messages are captured before any worker runs.
+        producer_log = tmp_path / "producer.log"
+        with open(producer_log, "w") as log:
+            sent = subprocess.run([sys.executable, "-m", "producer", "-v", "sweep", "--config", str(config),
+                                   "--name", "secret"], cwd=tmp_path, env=clean_env(**common),
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=60)
+        assert sent.returncode == 0, producer_log.read_text()
+        as_sent = dump_redis(client)
+        messages = client.lrange("gridtune", 0, -1)
+        assert len(messages) == total
+        first = json.loads(messages[0])
+        assert first["headers"]["task"] == "gridtune.generate"
+        body = json.loads(base64.b64decode(first["body"]))
+        assert body[0] == [body[0][0], body[0][1]] and isinstance(body[0][1], int)  # (sweep_id, index) only
+        assert occurrences(as_sent, needles) == []
+
+        # 2. Only the workers get the key (one of them logs at DEBUG).
+        worker_env = {**common, "OPENAI_API_KEY": key}
+        start_workers(1, worker_env, concurrency=10)
+        start_workers(1, worker_env, concurrency=10, extra=("--loglevel", "DEBUG"))
+        dumps = [as_sent]
+
+        def finished():
+            dumps.append(dump_redis(client))
+            engine = create_engine(sa_url(postgres_db), poolclass=NullPool)
+            try:
+                with engine.connect() as conn:
+                    state = conn.execute(text("SELECT state FROM sweeps WHERE name='secret'")).scalar()
+            except OperationalError:  # PostgreSQL is shared: out of slots for a moment
+                return False
+            finally:
+                engine.dispose()
+            return state in ("done", "failed")
+
+        wait_for(finished, 120, 0.3, "the sweep to finish")
+        dumps.append(dump_redis(client))
+        stats = api.stats()
+    assert stats["accepted"] > 0 and stats["rejected"] == 0, stats  # the workers really used the key
+
+    # 3. Nothing in Redis, at any point.
+    assert any(k.startswith(b"celery-task-meta-") for d in dumps for k in d), "no result was ever stored"
+    for dump in dumps:
+        assert occurrences(dump, needles) == []
+
+    # 4. Nothing in any table (every column of every row, as text).
+    engine = create_engine(sa_url(postgres_db))
+    with engine.connect() as conn:
+        tables = inspect(conn).get_table_names()
+        assert {"sweeps", "generations", "datasets", "finetune_jobs", "finetune_events"} <= set(tables)
+        failed = conn.execute(text("SELECT count(*) FROM generations WHERE state='failed' AND error IS NOT NULL"))
+        assert failed.scalar() > 0, "some requests should have failed with a stored error"
+        for table in tables:
+            rows = conn.execute(text(f'SELECT t::text FROM "{table}" t')).scalars().all()
+            leaks = [row for row in rows for needle in needles if needle.decode() in row]
+            assert leaks == [], f"{table}: {leaks[:2]}"
+    engine.dispose()
+
+    # 5. Nothing in the logs (workers, one at DEBUG, and the producer).
+    logs = [producer_log, *sorted(tmp_path.glob("w*.log"))]
+    assert len(logs) == 3
+    for path in logs:
+        content = path.read_bytes()
+        assert content, path
+        for needle in needles:
+            assert needle not in content, f"{path.name} contains the key"
+    # The datasets written by the finalizer do not carry it either.
+    for path in Path(tmp_path / "gridtune-data").rglob("*") if (tmp_path / "gridtune-data").exists() else []:
+        if path.is_file():
+            assert all(needle not in path.read_bytes() for needle in needles), path
