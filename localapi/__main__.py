@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.finetune_step_seconds,
         help="time between a fine-tuning job's status changes",
     )
+    add(
+        "--serve-unknown-tuned",
+        action="store_true",
+        help="answer ft:<base>:gridtune:... models trained by an earlier run of the server",
+    )
     add("--seed", type=int, default=DEFAULTS.seed, help="seeds replies and fault draws")
     return parser
 

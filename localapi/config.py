@@ -33,6 +33,9 @@ class ServerConfig:
     quota_exhausted_keys: tuple[str, ...] = ()
     finetune_outcome: str = "succeed"
     finetune_step_seconds: float = 0.2
+    # Also answer `ft:<base>:gridtune:...` models this server did not train: it keeps nothing on
+    # disk, so a model tuned by an earlier run would otherwise be unknown after a restart.
+    serve_unknown_tuned: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

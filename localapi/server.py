@@ -152,13 +152,18 @@ class LocalAPIServer:
 
     # --- chat completions --------------------------------------------------------------------
 
+    def _knows_tuned_model(self, model: str) -> bool:
+        if model in self.fine_tuning.tuned_models:
+            return True
+        return self.config.serve_unknown_tuned and model.split(":")[2:3] == ["gridtune"]
+
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         stats = self.stats
         stats.requests += 1
         try:
             key = self._authenticate(request)
             chat = parse_chat_request(await read_json_object(request))
-            if chat.tuned and chat.model not in self.fine_tuning.tuned_models:
+            if chat.tuned and not self._knows_tuned_model(chat.model):
                 raise RequestError(
                     not_found(
                         f"The model `{chat.model}` does not exist or you do not have access to it.",

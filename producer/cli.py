@@ -9,14 +9,13 @@ import argparse
 import csv
 import json
 import logging
-import os
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from gridtune.errors import UserError
-from gridtune.settings import get_settings, reset_settings
+from gridtune.settings import get_settings
 
 log = logging.getLogger("gridtune")
 
@@ -54,32 +53,10 @@ def _check_broker(app) -> None:
 @contextmanager
 def _embedded_runtime() -> Iterator[None]:
     """Embedded mode: a local API server when there is no key, and an in-process worker."""
-    settings = get_settings()
-    with ExitStack() as stack:
-        if not settings.openai_api_key and not settings.openai_base_url:
-            import localapi
+    from worker.app import app
+    from worker.embedded import in_process_worker, local_api_when_keyless
 
-            server = stack.enter_context(localapi.running())
-            os.environ.update(
-                OPENAI_API_KEY="sk-local-gridtune-placeholder",
-                OPENAI_BASE_URL=server.base_url,
-            )
-            os.environ.setdefault("GRIDTUNE_FINETUNE_POLL_SECONDS", "0.5")
-            reset_settings()
-            from worker.context import reset_context
-
-            reset_context()
-            banner = (
-                "*** No OPENAI_API_KEY: running against gridtune's LOCAL OpenAI-compatible server at "
-                f"{server.base_url}. Responses are synthetic. Set OPENAI_API_KEY for real ones. ***"
-            )
-            print(banner, file=sys.stderr, flush=True)
-        elif not settings.openai_api_key:
-            raise UserError(f"OPENAI_API_KEY is not set (needed for OPENAI_BASE_URL={settings.openai_base_url})")
-        from worker.app import app
-        from worker.embedded import in_process_worker
-
-        stack.enter_context(in_process_worker(app, get_settings().embedded_concurrency))
+    with local_api_when_keyless(), in_process_worker(app, get_settings().embedded_concurrency):
         yield
 
 

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy import Engine, select
 
 from gridtune import pricing
-from models import FinetuneJob, JobStatus, SweepState, session_scope, store
+from models import FinetuneJob, SweepState, session_scope, store
 
 FINAL_SWEEP_STATES = {SweepState.DONE, SweepState.FAILED}
 

@@ -10,7 +10,6 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from pydantic import SecretStr
 
 from gridtune.errors import UserError
 from gridtune.settings import get_settings
@@ -18,8 +17,8 @@ from models import FinetuneJob, JobStatus, get_engine, store
 from worker.finetune import records
 
 SUBMIT_TASK = "gridtune.finetune_submit"
-LOCAL_SERVER_POLL_SECONDS = 0.5  # the local server's jobs move every 0.2 s
 WAIT_INTERVAL_SECONDS = 1.0
+JOBS_ROW = "{:>4}  {:20} {:8} {:16} {:>12} {:>9}  {}"
 
 
 def add_commands(commands) -> None:
@@ -70,7 +69,7 @@ def run_in_process(ctx, sweep_id: int, dataset_id: int, printer: EventPrinter, t
     while True:
         printer.show(step.job_id)
         if step.run_local:
-            finetune.train_local(ctx, step.job_id, on_event=lambda _message: printer.show(step.job_id))
+            finetune.train_local(ctx, step.job_id, on_event=printer.on_event(step.job_id))
             printer.show(step.job_id)
             return records.get_job(ctx.engine, step.job_id)
         if step.poll_in is None or (deadline is not None and time.monotonic() + step.poll_in > deadline):
@@ -116,24 +115,13 @@ def send_to_workers(engine, sweep, dataset_id: int, printer: EventPrinter, wait:
 def worker_context(needs_api: bool) -> Iterator[object]:
     """A WorkerContext for this process; without a key, on a local API server (as embedded `sweep` does)."""
     from worker.context import WorkerContext
-    from worker.llm import LOCAL_PLACEHOLDER_KEY
+    from worker.embedded import local_api_when_keyless
 
-    settings = get_settings()
-    if not needs_api or settings.openai_api_key:
-        yield WorkerContext(settings)
+    if not needs_api:
+        yield WorkerContext(get_settings())
         return
-    if settings.openai_base_url:
-        raise UserError(f"OPENAI_API_KEY is not set (needed for OPENAI_BASE_URL={settings.openai_base_url})")
-    import localapi
-
-    with localapi.running() as server:
-        print("*** No OPENAI_API_KEY: using gridtune's LOCAL OpenAI-compatible server at "
-              f"{server.base_url}; its models are synthetic and end with this command. ***",
-              file=sys.stderr, flush=True)
-        update = {"openai_api_key": SecretStr(LOCAL_PLACEHOLDER_KEY), "openai_base_url": server.base_url}
-        if "finetune_poll_seconds" not in settings.model_fields_set:
-            update["finetune_poll_seconds"] = LOCAL_SERVER_POLL_SECONDS
-        yield WorkerContext(settings.model_copy(update=update))
+    with local_api_when_keyless("fine-tuning and asking"):
+        yield WorkerContext(get_settings())
 
 
 class EventPrinter:
@@ -150,6 +138,10 @@ class EventPrinter:
             marker = "!" if event.level in ("warning", "error", "warn") else " "
             print(f" {marker} job {job_id}: {event.message}", file=sys.stderr, flush=True)
             self.last_seen[job_id] = event.id
+
+    def on_event(self, job_id: int):
+        """A callback for local training: show what it just stored."""
+        return lambda _message: self.show(job_id)
 
 
 def describe_outcome(job: FinetuneJob, sweep_name: str) -> str:
@@ -193,12 +185,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print("no fine-tune jobs yet: they start when a sweep's dataset is ready "
               "(or with `python -m producer finetune SWEEP`)", file=sys.stderr)
         return 0
-    print(f"{'id':>4}  {'sweep':20} {'backend':8} {'status':16} {'est. tokens':>12} {'est. cost':>9}  job / model or adapter")
+    print(JOBS_ROW.format("id", "sweep", "backend", "status", "est. tokens", "est. cost", "job / model or adapter"))
     for job, name in jobs:
         tokens = f"{job.estimated_tokens:,}" if job.estimated_tokens is not None else "-"
         cost = f"${job.estimated_cost_usd:,.2f}" if job.estimated_cost_usd is not None else "-"
         where = " ".join(filter(None, [job.provider_job_id, job.fine_tuned_model])) or "-"
-        print(f"{job.id:>4}  {name:20} {job.backend:8} {job.status:16} {tokens:>12} {cost:>9}  {where}")
+        print(JOBS_ROW.format(job.id, name, job.backend, job.status, tokens, cost, where))
         if job.error_message:
             print(f"{'':6}error: {job.error_message}")
     return 0

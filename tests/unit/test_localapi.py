@@ -429,3 +429,13 @@ def test_cli_has_a_flag_for_every_config_field():
     args = build_parser().parse_args(["--faults", "500,drop", "--api-keys", "a,b", "--no-retry-after", "--rpm", "9"])
     config = localapi.ServerConfig(**vars(args))
     assert (config.faults, config.api_keys, config.retry_after, config.rpm) == (("500", "drop"), ("a", "b"), False, 9)
+
+
+def test_a_restarted_server_can_serve_models_tuned_by_an_earlier_run():
+    model = "ft:gpt-4o-mini-2024-07-18:gridtune:heroes:abcdefgh"
+    with localapi.running(serve_unknown_tuned=True) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0)
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "18, man, can eat a lot"}])
+        assert reply.choices[0].message.content
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="ft:gpt-4o-mini:someone-else::x", messages=[{"role": "user", "content": "hi"}])

@@ -1,0 +1,87 @@
+"""Sampling a sweep's tuned model: the remote `fine_tuned_model` or the local LoRA adapter."""
+
+from __future__ import annotations
+
+import openai
+
+from gridtune.errors import UserError
+from gridtune.sweep import SweepConfig
+from models import JobStatus
+from models.schema import FinetuneJob, Sweep
+from worker.context import sweep_config_of
+from worker.dataset import LEGACY_SEPARATOR, LEGACY_STOP
+from worker.finetune import records
+from worker.llm import classify, redact
+
+ASK_RETRIES = 2  # one interactive call: let the SDK ride out a blip
+
+
+def ask_messages(config: SweepConfig, text: str) -> list[dict[str, str]]:
+    """The messages training used, with `text` as the user's turn."""
+    messages = []
+    if config.templates.system:
+        messages.append({"role": "system", "content": config.templates.system})
+    content = text + LEGACY_SEPARATOR if config.dataset.legacy_format else text
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def stop_word(config: SweepConfig) -> str | None:
+    return LEGACY_STOP.strip() if config.dataset.legacy_format else None
+
+
+def finished_job(engine, sweep: Sweep) -> FinetuneJob:
+    """The sweep's latest job if it produced a model; else a UserError that says why not."""
+    job = records.latest_job(engine, sweep.id)
+    name = sweep.name
+    if job is None:
+        raise UserError(f"sweep {name} has no fine-tune job yet (state {sweep.state}): "
+                        f"run `python -m producer finetune {name}` once its dataset is ready")
+    if job.status == JobStatus.SUCCEEDED:
+        return job
+    if job.status == JobStatus.SKIPPED:
+        raise UserError(f'sweep {name} was not fine-tuned (backend = "none"): set finetune.backend in its '
+                        f"config and run `python -m producer finetune {name}`")
+    if job.status == JobStatus.UNAVAILABLE:
+        raise UserError(f"sweep {name} has no tuned model: {job.error_message}")
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        raise UserError(f"the fine-tune job {job.id} of sweep {name} {job.status}: "
+                        f"{job.error_message or 'no reason given'}")
+    raise UserError(f"the fine-tune job {job.id} of sweep {name} is still running: status {job.status}; "
+                    "follow it with `python -m producer jobs`")
+
+
+def sample(ctx, sweep: Sweep, job: FinetuneJob, text: str) -> str:
+    """The tuned model's reply to `text` (job: from finished_job); UserError when it cannot answer."""
+    config = sweep_config_of(sweep)
+    messages = ask_messages(config, text)
+    if job.backend == "local":
+        return _ask_local(job, config, messages)
+    return _ask_remote(ctx, job.fine_tuned_model, config, messages)
+
+
+def _ask_remote(ctx, model: str, config: SweepConfig, messages: list[dict[str, str]]) -> str:
+    request = {
+        "model": model,
+        "messages": messages,
+        "temperature": config.ask.temperature,
+        config.model.token_param: config.ask.max_output_tokens,
+    }
+    if stop := stop_word(config):
+        request["stop"] = [stop]
+    try:
+        response = ctx.client.with_options(max_retries=ASK_RETRIES).chat.completions.create(**request)
+    except openai.OpenAIError as exc:
+        raise UserError(redact(f"asking {model}: {classify(exc).message}", ctx.settings)) from None
+    return (response.choices[0].message.content or "").strip()
+
+
+def _ask_local(job: FinetuneJob, config: SweepConfig, messages: list[dict[str, str]]) -> str:
+    from worker.finetune import local_backend
+
+    try:
+        return local_backend.generate(job.fine_tuned_model, job.base_model, messages, config.ask, stop_word(config))
+    except local_backend.MissingExtra as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot load the adapter of job {job.id}: {exc}") from None
