@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+
+from gridtune.settings import get_settings
 
 
 @lru_cache(maxsize=4)
@@ -18,7 +19,8 @@ def _table(path: str | None) -> dict[str, dict[str, float]]:
 
 def price(model: str) -> dict[str, float] | None:
     """The price row for `model`: exact name, else its base (ft:BASE:..., BASE-2024-07-18)."""
-    table = _table(os.environ.get("GRIDTUNE_PRICES"))
+    path = get_settings().prices_path
+    table = _table(str(path) if path else None)
     name = model.split(":")[1] if model.startswith("ft:") else model
     candidates = [name, re.sub(r"-\d{4}-\d{2}-\d{2}$", "", name)]
     for candidate in candidates:

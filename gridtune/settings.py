@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     # The shared rate budget and cool-downs. Default: the broker's Redis.
     redis_url: str | None = Field(None, validation_alias=_env("GRIDTUNE_REDIS_URL"))
     data_dir: Path = Field(Path("gridtune-data"), validation_alias=_env("GRIDTUNE_DATA_DIR"))
+    # USD per 1M tokens for cost estimates; None = the bundled gridtune/prices.toml.
+    prices_path: Path | None = Field(None, validation_alias=_env("GRIDTUNE_PRICES"))
 
     # --- the model API -----------------------------------------------------------------------
     openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
@@ -50,6 +52,8 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(3600, validation_alias=_env("GRIDTUNE_VISIBILITY_TIMEOUT"))
     worker_concurrency: int = Field(100, validation_alias=_env("GRIDTUNE_WORKER_CONCURRENCY"))
     embedded_concurrency: int = Field(32, validation_alias=_env("GRIDTUNE_EMBEDDED_CONCURRENCY"))
+    # Task events feed Flower; turn them off only if nobody watches (they cost a publish per state).
+    task_events: bool = Field(True, validation_alias=_env("GRIDTUNE_TASK_EVENTS"))
     enqueue_batch: int = Field(1000, validation_alias=_env("GRIDTUNE_ENQUEUE_BATCH"))
     finetune_poll_seconds: float = Field(30.0, validation_alias=_env("GRIDTUNE_FINETUNE_POLL_SECONDS"))
     # Refuse grids larger than this before anything is stored or enqueued.

@@ -93,13 +93,20 @@ def dispose_engines() -> None:
     with _lock:
         for engine in _engines.values():
             engine.dispose()
+            _session_factories.pop(engine, None)
         _engines.clear()
+
+
+_session_factories: dict[Engine, sessionmaker] = {}
 
 
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
-    session = sessionmaker(engine, expire_on_commit=False)()
+    factory = _session_factories.get(engine)
+    if factory is None:  # building a sessionmaker creates a class: once per engine, not per call
+        factory = _session_factories.setdefault(engine, sessionmaker(engine, expire_on_commit=False))
+    session = factory()
     try:
         yield session
         session.commit()

@@ -132,6 +132,20 @@ def insert_generation(engine: Engine, values: dict[str, Any]) -> bool:
         return session.execute(statement).scalar() is not None
 
 
+def sweep_and_row(engine: Engine, sweep_id: int, index: int) -> tuple[Sweep, bool]:
+    """The sweep and whether request `index` already has a row: one query, one round trip."""
+    exists = (
+        select(Generation.id)
+        .where(Generation.sweep_id == sweep_id, Generation.request_index == index)
+        .exists()
+    )
+    with session_scope(engine) as session:
+        found = session.execute(select(Sweep, exists).where(Sweep.id == sweep_id)).first()
+    if found is None:
+        raise LookupError(f"sweep {sweep_id} does not exist")
+    return found[0], bool(found[1])
+
+
 def has_row(engine: Engine, sweep_id: int, index: int) -> bool:
     with session_scope(engine) as session:
         found = session.scalar(

@@ -8,6 +8,8 @@ are tiny because the finalizer reads the database, never the chord's results.
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 from celery.signals import worker_process_init
 
@@ -51,8 +53,9 @@ def celery_config(settings: Settings) -> dict:
         worker_prefetch_multiplier=1,
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
-        worker_send_task_events=True,  # Flower needs them
-        task_send_sent_event=True,
+        worker_send_task_events=settings.task_events,  # Flower needs them
+        # A "sent" event per enqueued task would double the producer's publishes.
+        task_send_sent_event=False,
         result_expires=7 * 24 * 3600,  # never 0: that hangs chords
         task_default_queue="gridtune",
         task_routes={"gridtune.finetune_local": {"queue": "finetune"}},
@@ -61,6 +64,10 @@ def celery_config(settings: Settings) -> dict:
         task_protocol=2,
     )
 
+
+# One INFO line per HTTP request drowns the worker log (and costs CPU at hundreds per second).
+for noisy in ("httpx", "httpx2"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
 
 app = Celery("gridtune", include=["worker.tasks"])
 app.conf.update(celery_config(get_settings()))

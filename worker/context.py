@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Iterator
 
 import redis
@@ -85,8 +85,10 @@ def in_flight(client: redis.Redis, sweep_id: int, task_id: str) -> Iterator[None
     """Count a running request for progress displays (a sorted set: a crashed worker's entries age out)."""
     key = IN_FLIGHT_KEY.format(sweep_id=sweep_id)
     try:
-        client.zadd(key, {task_id: time.time()})
-        client.expire(key, IN_FLIGHT_HORIZON)
+        pipe = client.pipeline(transaction=False)  # one round trip
+        pipe.zadd(key, {task_id: time.time()})
+        pipe.expire(key, IN_FLIGHT_HORIZON)
+        pipe.execute()
     except redis.RedisError:
         log.debug("cannot record in-flight request", exc_info=True)
     try:
@@ -102,18 +104,18 @@ def count_in_flight(client: redis.Redis, sweep_id: int) -> int:
     return client.zcount(IN_FLIGHT_KEY.format(sweep_id=sweep_id), time.time() - IN_FLIGHT_HORIZON, "+inf")
 
 
-@lru_cache(maxsize=64)
-def _config(fingerprint: str, snapshot_json: str) -> SweepConfig:
-    import json
-
-    return config_from_snapshot(json.loads(snapshot_json))
+_configs: dict[tuple[int, str], SweepConfig] = {}
 
 
 def sweep_config_of(sweep) -> SweepConfig:
-    """A stored sweep's config, parsed once per process and config version."""
-    import json
-
-    return _config(sweep.fingerprint, json.dumps(sweep.config, sort_keys=True))
+    """A stored sweep's config, parsed once per process and config version (its fingerprint)."""
+    cache_key = (sweep.id, sweep.fingerprint)
+    config = _configs.get(cache_key)
+    if config is None:
+        if len(_configs) > 64:
+            _configs.clear()
+        config = _configs[cache_key] = config_from_snapshot(sweep.config)
+    return config
 
 
 _context: WorkerContext | None = None

@@ -93,9 +93,9 @@ def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: 
 def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0, rate_limited: int = 0) -> Outcome:
     """Generate and store request `index` of sweep `sweep_id` (see the module docstring)."""
     engine, settings = ctx.engine, ctx.settings
-    if store.has_row(engine, sweep_id, index):
+    sweep, stored = store.sweep_and_row(engine, sweep_id, index)
+    if stored:
         return Outcome(attempts=attempts, rate_limited=rate_limited)  # redelivered: never call twice
-    sweep = store.get_sweep_by_id(engine, sweep_id)
     config = sweep_config_of(sweep)
     request = request_at(config, index)
     started = utcnow()

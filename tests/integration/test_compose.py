@@ -18,8 +18,8 @@ import yaml
 from gridtune.settings import Settings
 from tests.support import ROOT, clean_env
 
-# Read outside the Settings object (gridtune/pricing.py) or by the images, not by gridtune.
-CODE_EXTRAS = {"GRIDTUNE_PRICES"}
+# Read by the images, not by gridtune (gridtune reads everything through Settings).
+CODE_EXTRAS: set[str] = set()
 IMAGE_VARS = {"FLOWER_BASIC_AUTH", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
 SECRET = "OPENAI_API_KEY"
 ENV_LINE = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
