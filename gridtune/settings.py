@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     task_events: bool = Field(True, validation_alias=_env("GRIDTUNE_TASK_EVENTS"))
     enqueue_batch: int = Field(1000, validation_alias=_env("GRIDTUNE_ENQUEUE_BATCH"))
     finetune_poll_seconds: float = Field(30.0, validation_alias=_env("GRIDTUNE_FINETUNE_POLL_SECONDS"))
+    # `sweep --wait` / `status --watch` re-send a sweep's missing requests after it has looked
+    # stalled (rows missing, nothing queued, unacked or in flight) for this many seconds.
+    stall_seconds: float = Field(60.0, validation_alias=_env("GRIDTUNE_STALL_SECONDS"))
     # Refuse grids larger than this before anything is stored or enqueued.
     max_requests: int = Field(5_000_000, validation_alias=_env("GRIDTUNE_MAX_REQUESTS"))
 

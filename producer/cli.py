@@ -93,7 +93,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 progress.dump_json(progress.snapshot(engine, name))
             return 0
         snap = progress.follow(engine, name, timeout=args.timeout, as_json=args.json,
-                               in_flight=_in_flight_counter(engine, name))
+                               in_flight=_in_flight_counter(engine, name), on_tick=_stall_watch(engine, name))
     if args.json:
         progress.dump_json(snap)
     else:
@@ -125,13 +125,36 @@ def _in_flight_counter(engine, name: str):
     return count
 
 
+def _stall_watch(engine, name: str):
+    """The stall watchdog for a distributed sweep on a Redis broker (else a no-op)."""
+    import redis
+
+    from models import store
+    from producer.enqueue import enqueue_sweep
+    from producer.recovery import StallWatch, broker_idle
+    from worker.app import app
+
+    settings = get_settings()
+    if settings.embedded or not settings.broker_url.startswith(("redis://", "rediss://")):
+        return lambda snap: None
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+    queues = (app.conf.task_default_queue,)
+
+    def resume() -> int:
+        config = store.sweep_config(store.get_sweep(engine, name))
+        return enqueue_sweep(app, engine, name, config, batch=settings.enqueue_batch).sent
+
+    return StallWatch(lambda: broker_idle(client, queues), resume, settings.stall_seconds)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from producer import progress
 
     engine = _engine()
     counter = _in_flight_counter(engine, args.name)
     if args.watch:
-        snap = progress.follow(engine, args.name, interval=args.interval, as_json=args.json, in_flight=counter)
+        snap = progress.follow(engine, args.name, interval=args.interval, as_json=args.json, in_flight=counter,
+                               on_tick=_stall_watch(engine, args.name))
     else:
         snap = progress.snapshot(engine, args.name, counter())
     if args.json:

@@ -108,8 +108,12 @@ def follow(
     timeout: float | None = None,
     as_json: bool = False,
     in_flight: Callable[[], int | None] = lambda: None,
+    on_tick: Callable[[dict[str, Any]], None] = lambda snap: None,
 ) -> dict[str, Any]:
-    """Draw progress until the sweep reaches a final state (or `timeout`); returns the last snapshot."""
+    """Draw progress until the sweep reaches a final state (or `timeout`); returns the last snapshot.
+
+    `on_tick` sees every snapshot (the stall watchdog hangs there).
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     console = Console(stderr=True)
     snap = snapshot(engine, name, in_flight())
@@ -122,6 +126,7 @@ def follow(
                 print(line, file=sys.stderr, flush=True)
                 last = line
             time.sleep(interval)
+            on_tick(snap)
             snap = snapshot(engine, name, in_flight())
         return snap
     columns = (
@@ -147,6 +152,7 @@ def follow(
             if is_finished(snap) or (deadline is not None and time.monotonic() >= deadline):
                 return snap
             time.sleep(interval)
+            on_tick(snap)
             snap = snapshot(engine, name, in_flight())
 
 
