@@ -1,0 +1,198 @@
+"""The shared rate budget: a Redis-backed GCRA limiter and a no-op stand-in."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.resources import files
+
+import redis
+
+log = logging.getLogger(__name__)
+
+IDLE_EXPIRY_SECONDS = 24 * 3600
+# int() would also take "1_000", "+5" and non-ASCII digits; 15 digits stay exact in Lua numbers.
+_COUNT = re.compile(r"[0-9]{1,15}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Requests and tokens per minute; None = not known (or, in force, unlimited)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, not {value!r}")
+
+
+class Limiter(ABC):
+    """One budget per caller-chosen `key` (e.g. model name + a short hash of the API key)."""
+
+    @abstractmethod
+    def configure(self, key: str, limits: Limits) -> None:
+        """Limits from config/env; they override learnt ones. None fields are not configured."""
+
+    @abstractmethod
+    def reserve(self, key: str, tokens: int) -> float:
+        """Take 1 request + `tokens` atomically: 0.0 = granted, else seconds to wait (nothing taken)."""
+
+    @abstractmethod
+    def settle(self, key: str, reserved_tokens: int, actual_tokens: int) -> None:
+        """Refund or charge the difference once the real token usage is known."""
+
+    @abstractmethod
+    def observe(self, key: str, headers: Mapping[str, str]) -> None:
+        """Learn from x-ratelimit-* response headers; malformed ones are ignored."""
+
+    @abstractmethod
+    def cool_down(self, key: str, seconds: float) -> None:
+        """Pause every worker's reserve() for `seconds` (after a 429); never shortens a pause."""
+
+    @abstractmethod
+    def limits(self, key: str) -> Limits:
+        """The limits in force: configured > learnt > fallback."""
+
+
+class NullLimiter(Limiter):
+    """No limit at all: for code paths (local servers, tests) that must not be throttled."""
+
+    def configure(self, key: str, limits: Limits) -> None:
+        pass
+
+    def reserve(self, key: str, tokens: int) -> float:
+        return 0.0
+
+    def settle(self, key: str, reserved_tokens: int, actual_tokens: int) -> None:
+        pass
+
+    def observe(self, key: str, headers: Mapping[str, str]) -> None:
+        pass
+
+    def cool_down(self, key: str, seconds: float) -> None:
+        pass
+
+    def limits(self, key: str) -> Limits:
+        return Limits()
+
+
+def _script_text(name: str) -> str:
+    package = files(__package__)
+    return package.joinpath("common.lua").read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
+
+
+_SCRIPTS = {name: _script_text(name) for name in ("reserve", "settle", "observe", "cool_down")}
+
+
+class RateLimiter(Limiter):
+    """A budget shared by every process that uses the same Redis and namespace.
+
+    GCRA in Lua: each budget keeps a request schedule and a token schedule, checked and advanced
+    together in one script. `burst_seconds` of the rate may be taken at once. `clock` (seconds) is
+    for tests only: by default every host uses the Redis server's clock.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str = "gridtune:rl",
+        burst_seconds: float = 1.0,
+        fallback: Limits = Limits(rpm=60, tpm=60_000),
+        idle_expiry: float = IDLE_EXPIRY_SECONDS,
+        clock: Callable[[], float] | None = None,
+    ):
+        if not burst_seconds > 0 or not idle_expiry > 0:
+            raise ValueError("burst_seconds and idle_expiry must be positive")
+        self._client = client
+        self._namespace = namespace
+        self._burst_us = round(burst_seconds * 1_000_000)
+        self._fallback = fallback
+        self._idle_expiry_ms = math.ceil(idle_expiry * 1000)
+        self._clock = clock
+        # Configured limits come from each process's own config/env, so they live in the process.
+        self._configured: dict[str, Limits] = {}
+        self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
+
+    def redis_key(self, key: str) -> str:
+        """The Redis key holding `key`'s budget."""
+        if not key:
+            raise ValueError("a budget key must not be empty")
+        return f"{self._namespace}:{key}"
+
+    def configure(self, key: str, limits: Limits) -> None:
+        self._configured[key] = limits
+
+    def reserve(self, key: str, tokens: int) -> float:
+        if tokens < 0:
+            raise ValueError(f"tokens must not be negative, not {tokens}")
+        return self._run("reserve", key, tokens) / 1_000_000
+
+    def settle(self, key: str, reserved_tokens: int, actual_tokens: int) -> None:
+        if actual_tokens != reserved_tokens:
+            self._run("settle", key, actual_tokens - reserved_tokens)
+
+    def observe(self, key: str, headers: Mapping[str, str]) -> None:
+        named = {name.lower(): value for name, value in headers.items()}
+        self._run("observe", key, *_header_args(named, "requests"), *_header_args(named, "tokens"))
+
+    def cool_down(self, key: str, seconds: float) -> None:
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"a cool-down must be a finite number of seconds >= 0, not {seconds!r}")
+        self._run("cool_down", key, math.ceil(seconds * 1_000_000))
+
+    def limits(self, key: str) -> Limits:
+        learnt_rpm, learnt_tpm = self._client.hmget(self.redis_key(key), ["learnt_rpm", "learnt_tpm"])
+        configured = self._configured.get(key, Limits())
+
+        def in_force(configured_value: int | None, learnt: bytes | str | None, fallback: int | None):
+            if configured_value is not None:
+                return configured_value
+            return int(learnt) if learnt is not None else fallback
+
+        return Limits(
+            rpm=in_force(configured.rpm, learnt_rpm, self._fallback.rpm),
+            tpm=in_force(configured.tpm, learnt_tpm, self._fallback.tpm),
+        )
+
+    def _run(self, script: str, key: str, *args: int | str) -> int:
+        configured = self._configured.get(key, Limits())
+        common = (
+            "" if self._clock is None else round(self._clock() * 1_000_000),
+            self._idle_expiry_ms,
+            _optional(configured.rpm),
+            _optional(configured.tpm),
+            _optional(self._fallback.rpm),
+            _optional(self._fallback.tpm),
+            self._burst_us,
+        )
+        return int(self._scripts[script](keys=[self.redis_key(key)], args=[*common, *args]))
+
+
+def _optional(value: int | None) -> int | str:
+    return "" if value is None else value
+
+
+def _header_args(headers: Mapping[str, str], dimension: str) -> tuple[int | str, int | str]:
+    """(limit, remaining) from one dimension's headers; "" where absent or unreadable."""
+    return (
+        _count_header(headers, f"x-ratelimit-limit-{dimension}", minimum=1),
+        _count_header(headers, f"x-ratelimit-remaining-{dimension}", minimum=0),
+    )
+
+
+def _count_header(headers: Mapping[str, str], name: str, *, minimum: int) -> int | str:
+    if name not in headers:
+        return ""
+    text = str(headers[name]).strip()
+    if not _COUNT.fullmatch(text) or int(text) < minimum:
+        log.debug("ignoring malformed %s header %r", name, headers[name])
+        return ""
+    return int(text)
