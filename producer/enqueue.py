@@ -1,8 +1,9 @@
 """Store a sweep and enqueue one task per request as a chord whose body is the finalizer.
 
 Fast path: Celery's `chord(...)` subscribes to a result channel per task and builds every
-signature up front (~530 tasks/s at 100k). Here the header tasks are published one by one through
-one producer in kombu batches, without per-task result subscriptions, and the chord size is set in
+signature up front (~530 tasks/s at 100k). Here each header task's message is built with Celery's
+own `create_task_message` and published through one producer in kombu batches (pipelined LPUSH),
+without per-task result subscriptions, routing or queue declarations, and the chord size is set in
 the result backend *before* the first task goes out, exactly as `chord.run` would (after that, the
 Redis backend counts header results and sends the body once). Memory stays flat: indices are
 streamed, no signature list is built.
@@ -51,17 +52,24 @@ def send_chord(
     body = finalize.si(sweep_id)
     body.freeze(body_id, group_id=group_id)
     app.backend.set_chord_size(group_id, count)
+    # Messages are built and published directly: Task.apply_async would re-route, re-declare the
+    # queue and re-read the config for every one of them (more than half the enqueue time).
+    queue = app.amqp.queues[app.conf.task_default_queue]
+    create_message = app.amqp.create_task_message
     sent = 0
     with app.producer_or_acquire() as producer, producer.batch(max_size=batch):
+        producer.maybe_declare(queue)
         for position, index in enumerate(indices):
-            generate.apply_async(
-                (sweep_id, index),
-                task_id=uuid(),
-                group_id=group_id,
-                group_index=position,
-                chord=body,
-                producer=producer,
-                ignore_result=True,  # skips a pub/sub subscription per task; chords still count
+            task_id = uuid()
+            headers, properties, message, _ = create_message(
+                task_id, generate.name, (sweep_id, index), {},
+                group_id=group_id, group_index=position, chord=body, root_id=task_id,
+                ignore_result=True,  # no result to store; the chord still counts the task
+                argsrepr=f"({sweep_id}, {index})", kwargsrepr="{}",
+            )
+            producer.publish(
+                message, exchange="", routing_key=queue.name, serializer="json", headers=headers,
+                delivery_mode=2, retry=True, **properties,
             )
             sent += 1
             if on_progress and sent % batch == 0:
