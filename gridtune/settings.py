@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     # Overrides for the shared budget (else: the sweep config, else learnt from headers).
     rpm: int | None = Field(None, validation_alias=_env("GRIDTUNE_RPM"))
     tpm: int | None = Field(None, validation_alias=_env("GRIDTUNE_TPM"))
+    # How much of the rate the shared budget may hand out at once. Below the provider's own
+    # enforcement period (about 1 s) so that scheduling jitter between workers does not add up to
+    # a burst the provider refuses.
+    burst_seconds: float = Field(0.5, gt=0, validation_alias=_env("GRIDTUNE_BURST_SECONDS"))
     max_attempts: int = Field(8, validation_alias=_env("GRIDTUNE_MAX_ATTEMPTS"))
     # Waits up to this long are slept inside the task; longer ones give the worker slot back
     # (task retry with a countdown).

@@ -60,7 +60,7 @@ class WorkerContext:
     def limiter(self) -> RateLimiter:
         # Unknown limits = no limit until the first x-ratelimit-* headers teach them (servers
         # that send none, like many self-hosted ones, are then never throttled by us).
-        return RateLimiter(self.redis, fallback=Limits())
+        return RateLimiter(self.redis, burst_seconds=self.settings.burst_seconds, fallback=Limits())
 
     def configure_budget(self, key: str, config: SweepConfig) -> None:
         """Tell the shared limiter about configured limits, once per process and budget."""

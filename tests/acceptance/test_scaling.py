@@ -14,16 +14,22 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
 
 import localapi
-from tests.support import clean_env, wait_for
+from tests.acceptance.helpers import (
+    assert_one_row_per_request,
+    producer_env,
+    row_count,
+    run_producer,
+    small_config,
+    wait_finished,
+    worker_env,
+)
+from tests.support import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,79 +38,17 @@ SUCCEEDED = re.compile(r"Task gridtune\.generate\[([0-9a-f-]+)\] succeeded")
 WARM_SHUTDOWN = "Warm shutdown"
 
 
-# --- helpers (kept local: these test files are self-contained) ------------------------------------
-def small_config(path: Path, values: int) -> Path:
-    path.write_text(
-        f"""
-repeats = 1
-[dimensions]
-n = {json.dumps(list(range(values)))}
-[templates]
-prompt = "Describe hero number {{n}} in two sentences."
-input = "hero {{n}}"
-[model]
-max_output_tokens = 200
-[finetune]
-backend = "none"
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
-def query(db_url: str, sql: str, **params):
-    engine = create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1))
-    try:
-        with engine.connect() as conn:
-            return conn.execute(text(sql), params).all()
-    finally:
-        engine.dispose()
-
-
-def row_count(db_url: str, name: str) -> int:
-    return query(db_url, "SELECT count(*) FROM generations g JOIN sweeps s ON s.id = g.sweep_id "
-                         "WHERE s.name = :n", n=name)[0][0]
-
-
-def sweep_row(db_url: str, name: str):
-    rows = query(db_url, "SELECT state, finalizer_runs, stop_reason FROM sweeps WHERE name = :n", n=name)
-    return rows[0] if rows else None
-
-
-def wait_finished(db_url: str, name: str, timeout: float):
-    return wait_for(lambda: (s := sweep_row(db_url, name)) is not None and s.state in ("done", "failed") and s,
-                    timeout, 0.2, f"sweep {name} to finish")
-
-
-def assert_one_ok_row_per_request(db_url: str, name: str, total: int) -> None:
-    rows = query(db_url, "SELECT g.request_index, g.state, g.error_kind, g.error FROM generations g JOIN sweeps s ON s.id = g.sweep_id "
-                         "WHERE s.name = :n", n=name)
-    indices = [r.request_index for r in rows]
-    assert len(indices) == len(set(indices)), "duplicate rows for a request"
-    assert sorted(indices) == list(range(total)), f"missing rows: {sorted(set(range(total)) - set(indices))[:20]}"
-    bad = [r for r in rows if r.state != "ok"]
-    assert not bad, f"{len(bad)} rows not ok, e.g. {bad[:3]}"
-
-
-def worker_env(broker: str, db_url: str, api) -> dict[str, str]:
-    return {"CELERY_BROKER_URL": broker, "DATABASE_URL": db_url,
-            "OPENAI_API_KEY": "sk-test-scaling", "OPENAI_BASE_URL": api.base_url}
-
-
 def enqueue(config: Path, name: str, env: dict[str, str], cwd: Path) -> None:
     """`python -m producer sweep` without --wait: returns once every message is published."""
-    producer_env = clean_env(**{k: v for k, v in env.items() if k != "OPENAI_API_KEY"})
-    result = subprocess.run([sys.executable, "-m", "producer", "sweep", "--config", str(config), "--name", name],
-                            cwd=cwd, env=producer_env, capture_output=True, text=True, timeout=60)
+    result = run_producer(["sweep", "--config", str(config), "--name", name], producer_env(env), cwd, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
 
 
 # --- (a) scale in: SIGTERM is a warm shutdown ------------------------------------------------------
 def test_sigterm_is_a_warm_shutdown_and_the_sweep_completes(redis_db, postgres_db, start_workers, tmp_path):
     total, name = 400, "scale-in"
     with localapi.running(latency_ms=300) as api:
-        env = worker_env(redis_db, postgres_db, api)
+        env = worker_env(redis_db, postgres_db, api, tmp_path / "data")
         leaving, staying = start_workers(2, env, concurrency=8)
         enqueue(small_config(tmp_path / "in.toml", total), name, env, tmp_path)
         r = redis.Redis.from_url(redis_db)
@@ -142,7 +86,7 @@ def test_sigterm_is_a_warm_shutdown_and_the_sweep_completes(redis_db, postgres_d
         assert staying.alive()
     assert sweep.state == "done", sweep
     assert sweep.finalizer_runs == 1
-    assert_one_ok_row_per_request(postgres_db, name, total)
+    assert_one_row_per_request(postgres_db, name, total)
     assert len(set(RECEIVED.findall(staying.output()))) + len(received) >= total  # the stayer did the rest
 
 
@@ -150,7 +94,7 @@ def test_sigterm_is_a_warm_shutdown_and_the_sweep_completes(redis_db, postgres_d
 def test_worker_added_mid_sweep_takes_tasks_at_once(redis_db, postgres_db, start_workers, tmp_path):
     total, name = 300, "scale-out"
     with localapi.running(latency_ms=300) as api:
-        env = worker_env(redis_db, postgres_db, api)
+        env = worker_env(redis_db, postgres_db, api, tmp_path / "data")
         start_workers(1, env, prefix="first", concurrency=5)
         enqueue(small_config(tmp_path / "out.toml", total), name, env, tmp_path)
         wait_for(lambda: row_count(postgres_db, name) >= 10, 60, 0.1, "the sweep to start")
@@ -164,6 +108,6 @@ def test_worker_added_mid_sweep_takes_tasks_at_once(redis_db, postgres_db, start
         done_by_added = len(set(SUCCEEDED.findall(added.output())))
     assert sweep.state == "done", sweep
     assert sweep.finalizer_runs == 1
-    assert_one_ok_row_per_request(postgres_db, name, total)
+    assert_one_row_per_request(postgres_db, name, total)
     # Same concurrency as the first worker: it should take about half of what was left; ask a third.
     assert done_by_added >= (total - rows_at_ready) / 3, (done_by_added, rows_at_ready)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import socket
 import secrets
 import subprocess
 import sys
@@ -25,6 +23,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 import localapi
+from tests.acceptance.helpers import (
+    sa_url,
+)
 from tests.support import clean_env, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -43,10 +44,6 @@ min_examples = 5
 [finetune]
 backend = "openai"
 """
-
-
-def sa_url(url: str) -> str:
-    return url.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 def expand(value: bytes) -> list[bytes]:
@@ -98,60 +95,6 @@ def dump_redis(client: redis.Redis) -> dict[bytes, list[bytes]]:
 def occurrences(dump: dict[bytes, list[bytes]], needles: list[bytes]) -> list[tuple[bytes, bytes]]:
     return [(key, needle) for key, values in dump.items() for value in values for needle in needles
             if needle in value]
-
-
-class PrivateRedis:
-    """A redis-server of this test's own, with no persistence (restarting it empties it). Tests use
-    it instead of the shared 6379 one: other test runs' workers consume the same queue names."""
-
-    def __init__(self, port: int, workdir: Path):
-        self.port, self.workdir = port, workdir
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is required"
-        self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                         "--appendonly", "no", "--dir", str(self.workdir)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-        wait_for(lambda: self._ping(client), 10, 0.05, "the private redis-server")
-
-    @staticmethod
-    def _ping(client) -> bool:
-        try:
-            return client.ping()
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    server = PrivateRedis(free_port(), tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def redis_db(private_redis) -> str:
-    """Overrides the shared-Redis fixture: a broker nobody else's workers listen to."""
-    return private_redis.url
 
 
 def test_api_key_never_leaves_the_workers(redis_db, postgres_db, start_workers, tmp_path):
