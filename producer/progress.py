@@ -10,19 +10,12 @@ from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from gridtune import pricing
-from models import FinetuneJob, SweepState, session_scope, store
+from models import SweepState, store
 
 FINAL_SWEEP_STATES = {SweepState.DONE, SweepState.FAILED}
-
-
-def _latest_job(engine: Engine, sweep_id: int) -> FinetuneJob | None:
-    with session_scope(engine) as session:
-        return session.scalar(
-            select(FinetuneJob).where(FinetuneJob.sweep_id == sweep_id).order_by(FinetuneJob.id.desc()).limit(1)
-        )
 
 
 def snapshot(engine: Engine, name: str, in_flight: int | None = None) -> dict[str, Any]:
@@ -39,7 +32,7 @@ def snapshot(engine: Engine, name: str, in_flight: int | None = None) -> dict[st
         elapsed = max((_aware(end) - _aware(start)).total_seconds(), 1e-3)
         rate = counts.done / elapsed
     minutes = elapsed / 60 if elapsed else None
-    job = _latest_job(engine, sweep.id)
+    job = store.latest_job(engine, sweep.id)
     return {
         "name": sweep.name,
         "state": sweep.state,

@@ -10,11 +10,9 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-
 from gridtune.errors import UserError
 from gridtune.settings import get_settings
 from models import FinetuneJob, JobStatus, get_engine, store
-from worker.finetune import records
 
 SUBMIT_TASK = "gridtune.finetune_submit"
 WAIT_INTERVAL_SECONDS = 1.0
@@ -44,7 +42,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = get_settings()
     engine = get_engine(settings.database_url)
     sweep = store.get_sweep(engine, args.name)
-    dataset = records.latest_dataset(engine, sweep.id)
+    dataset = store.latest_dataset(engine, sweep.id)
     if dataset is None:
         raise UserError(f"sweep {sweep.name} has no dataset yet (state {sweep.state})")
     printer = EventPrinter(engine)
@@ -71,9 +69,9 @@ def run_in_process(ctx, sweep_id: int, dataset_id: int, printer: EventPrinter, t
         if step.run_local:
             finetune.train_local(ctx, step.job_id, on_event=printer.on_event(step.job_id))
             printer.show(step.job_id)
-            return records.get_job(ctx.engine, step.job_id)
+            return store.get_job(ctx.engine, step.job_id)
         if step.poll_in is None or (deadline is not None and time.monotonic() + step.poll_in > deadline):
-            return records.get_job(ctx.engine, step.job_id)
+            return store.get_job(ctx.engine, step.job_id)
         time.sleep(step.poll_in)
         step = finetune.poll(ctx, step.job_id)
 
@@ -85,7 +83,7 @@ def send_to_workers(engine, sweep, dataset_id: int, printer: EventPrinter, wait:
 
     from worker.app import app
 
-    before = records.latest_job(engine, sweep.id)
+    before = store.latest_job(engine, sweep.id)
     try:
         app.send_task(SUBMIT_TASK, args=(sweep.id, dataset_id))
     except (KombuOperationalError, OSError) as exc:
@@ -99,7 +97,7 @@ def send_to_workers(engine, sweep, dataset_id: int, printer: EventPrinter, wait:
     deadline = None if timeout is None else time.monotonic() + timeout
     job = None
     while deadline is None or time.monotonic() < deadline:
-        job = records.latest_job(engine, sweep.id)
+        job = store.latest_job(engine, sweep.id)
         if job is not None and (continuing or before is None or job.id != before.id):
             printer.show(job.id)
             if job.status in JobStatus.FINAL:
@@ -134,7 +132,7 @@ class EventPrinter:
     def show(self, job_id: int | None) -> None:
         if job_id is None:
             return
-        for event in records.events_after(self.engine, job_id, self.last_seen.get(job_id, 0)):
+        for event in store.events_after(self.engine, job_id, self.last_seen.get(job_id, 0)):
             marker = "!" if event.level in ("warning", "error", "warn") else " "
             print(f" {marker} job {job_id}: {event.message}", file=sys.stderr, flush=True)
             self.last_seen[job_id] = event.id
@@ -177,7 +175,7 @@ def job_record(job: FinetuneJob, sweep_name: str) -> dict:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = records.list_jobs(get_engine(get_settings().database_url))
+    jobs = store.list_jobs(get_engine(get_settings().database_url))
     if args.json:
         print(json.dumps([job_record(job, name) for job, name in jobs], indent=2))
         return 0

@@ -12,7 +12,6 @@ from producer.cli import main
 from tests.unit.test_finetune_helpers import make_sweep, sweep_config
 from worker import finetune
 from worker.context import WorkerContext
-from worker.finetune import records
 
 pytestmark = pytest.mark.local_finetune
 
@@ -72,16 +71,16 @@ def local_config(base_model: Path, **finetune):
 def test_lora_training_lowers_the_loss_and_ask_uses_the_adapter(ctx, tmp_path, capsys):
     base_model = tmp_path / "tiny-llama"
     sweep, dataset_id = make_sweep(ctx, config=local_config(base_model))
-    build_tiny_model(base_model, records.get_dataset(ctx.engine, dataset_id).train_path)
+    build_tiny_model(base_model, store.get_dataset(ctx.engine, dataset_id).train_path)
 
     step = finetune.submit(ctx, sweep.id, dataset_id)
     assert step.run_local and step.poll_in is None
-    assert records.get_job(ctx.engine, step.job_id).status == JobStatus.QUEUED
+    assert store.get_job(ctx.engine, step.job_id).status == JobStatus.QUEUED
     # `finetune` by hand continues the queued job: it trains here, showing progress.
     assert main(["finetune", sweep.name]) == 0
     out, err = capsys.readouterr()
 
-    job = records.get_job(ctx.engine, step.job_id)
+    job = store.get_job(ctx.engine, step.job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error_message
     adapter = Path(job.fine_tuned_model)
     assert adapter == (tmp_path / "data" / sweep.name / "adapter").resolve()
@@ -91,7 +90,7 @@ def test_lora_training_lowers_the_loss_and_ask_uses_the_adapter(ctx, tmp_path, c
     assert f"fine-tune job {job.id} succeeded: adapter {adapter}" in out
     assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.DONE
 
-    events = records.events_after(ctx.engine, job.id)
+    events = store.events_after(ctx.engine, job.id)
     metrics = [e.data for e in events if e.data and e.data.get("type") == "metrics" and "loss" in e.data]
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)) and len(metrics) >= 20
     assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"], [m["loss"] for m in metrics]
@@ -106,7 +105,7 @@ def test_a_missing_base_model_fails_the_job_with_the_reason(ctx, tmp_path):
     sweep, dataset_id = make_sweep(ctx, config=local_config(tmp_path / "not-there"))
     step = finetune.submit(ctx, sweep.id, dataset_id)
     finetune.train_local(ctx, step.job_id)
-    job = records.get_job(ctx.engine, step.job_id)
+    job = store.get_job(ctx.engine, step.job_id)
     assert job.status == JobStatus.FAILED
     assert job.error_message == f"FileNotFoundError: the base model directory {tmp_path / 'not-there'} does not exist"
     assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.DONE
@@ -116,7 +115,7 @@ def test_a_job_is_trained_once(ctx, tmp_path):
     sweep, dataset_id = make_sweep(ctx, config=local_config(tmp_path / "not-there"))
     step = finetune.submit(ctx, sweep.id, dataset_id)
     finetune.train_local(ctx, step.job_id)
-    before = len(records.events_after(ctx.engine, step.job_id))
+    before = len(store.events_after(ctx.engine, step.job_id))
     finetune.train_local(ctx, step.job_id)  # a redelivered task message finds the job finished
-    assert len(records.events_after(ctx.engine, step.job_id)) == before
-    assert records.get_job(ctx.engine, step.job_id).status == JobStatus.FAILED
+    assert len(store.events_after(ctx.engine, step.job_id)) == before
+    assert store.get_job(ctx.engine, step.job_id).status == JobStatus.FAILED

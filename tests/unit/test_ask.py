@@ -11,12 +11,11 @@ import pytest
 
 import localapi
 from gridtune.settings import get_settings, reset_settings
-from models import JobStatus
+from models import JobStatus, store
 from producer.cli import main
 from tests.unit.test_finetune_helpers import make_sweep, run_until_done, sweep_config
 from worker import finetune
 from worker.context import WorkerContext
-from worker.finetune import records
 from worker.finetune.ask import sample
 
 QUESTION = "18, man, can eat a lot"
@@ -42,7 +41,7 @@ def ctx(monkeypatch, tmp_path, server) -> WorkerContext:
 def tuned_sweep(ctx, name="heroes", config=None):
     sweep, dataset_id = make_sweep(ctx, name, config)
     run_until_done(ctx, finetune.submit(ctx, sweep.id, dataset_id))
-    job = records.latest_job(ctx.engine, sweep.id)
+    job = store.latest_job(ctx.engine, sweep.id)
     assert job.status == JobStatus.SUCCEEDED, job.error_message
     return sweep, job
 
@@ -108,26 +107,26 @@ def test_ask_errors_are_one_line(ctx, capsys):
     sweep, dataset_id = make_sweep(ctx)
     assert f"sweep heroes has no fine-tune job yet (state {sweep.state})" in ask_error("heroes")
 
-    job = records.create_job(ctx.engine, sweep.id, dataset_id, "openai", "gpt-4o-mini")
-    records.set_status(ctx.engine, job.id, JobStatus.RUNNING)
+    job = store.create_job(ctx.engine, sweep.id, dataset_id, "openai", "gpt-4o-mini")
+    store.set_status(ctx.engine, job.id, JobStatus.RUNNING)
     assert f"the fine-tune job {job.id} of sweep heroes is still running: status running" in ask_error("heroes")
 
-    records.set_status(ctx.engine, job.id, JobStatus.FAILED, error_message="The job failed: bad data")
+    store.set_status(ctx.engine, job.id, JobStatus.FAILED, error_message="The job failed: bad data")
     assert f"the fine-tune job {job.id} of sweep heroes failed: The job failed: bad data" in ask_error("heroes")
 
-    job = records.create_job(ctx.engine, sweep.id, dataset_id, "openai", "gpt-4o-mini")
-    records.set_status(ctx.engine, job.id, JobStatus.UNAVAILABLE,
+    job = store.create_job(ctx.engine, sweep.id, dataset_id, "openai", "gpt-4o-mini")
+    store.set_status(ctx.engine, job.id, JobStatus.UNAVAILABLE,
                        error_message="fine-tuning is not available to this organization: ...")
     assert "sweep heroes has no tuned model: fine-tuning is not available to this organization" in ask_error("heroes")
 
-    job = records.create_job(ctx.engine, sweep.id, dataset_id, "none", "gpt-4o-mini")
-    records.set_status(ctx.engine, job.id, JobStatus.SKIPPED)
+    job = store.create_job(ctx.engine, sweep.id, dataset_id, "none", "gpt-4o-mini")
+    store.set_status(ctx.engine, job.id, JobStatus.SKIPPED)
     assert 'sweep heroes was not fine-tuned (backend = "none")' in ask_error("heroes")
 
 
 def test_ask_reports_an_api_error(ctx, capsys):
     sweep, job = tuned_sweep(ctx)
-    records.update_job(ctx.engine, job.id, fine_tuned_model="ft:gpt-4o-mini:gridtune:gone:123")
+    store.update_job(ctx.engine, job.id, fine_tuned_model="ft:gpt-4o-mini:gridtune:gone:123")
     assert main(["ask", "heroes", QUESTION]) == 2
     err = capsys.readouterr().err
     assert "asking ft:gpt-4o-mini:gridtune:gone:123: HTTP 404" in err and "sk-test" not in err
@@ -135,8 +134,8 @@ def test_ask_reports_an_api_error(ctx, capsys):
 
 def test_ask_a_local_adapter_without_the_extra(ctx, capsys, monkeypatch):
     sweep, dataset_id = make_sweep(ctx, config=sweep_config(finetune={"backend": "local"}))
-    job = records.create_job(ctx.engine, sweep.id, dataset_id, "local", "/models/tiny")
-    records.set_status(ctx.engine, job.id, JobStatus.SUCCEEDED, fine_tuned_model="/data/heroes/adapter")
+    job = store.create_job(ctx.engine, sweep.id, dataset_id, "local", "/models/tiny")
+    store.set_status(ctx.engine, job.id, JobStatus.SUCCEEDED, fine_tuned_model="/data/heroes/adapter")
     # peft, not torch: hiding torch would make transformers remember "no torch" for later tests.
     monkeypatch.setitem(sys.modules, "peft", None)
     assert main(["ask", "heroes", QUESTION]) == 2

@@ -15,7 +15,6 @@ from producer.cli import main
 from tests.unit.test_finetune_helpers import make_sweep, run_until_done, sweep_config
 from worker import finetune
 from worker.context import WorkerContext
-from worker.finetune import records
 
 
 @pytest.fixture
@@ -44,7 +43,7 @@ def test_finetune_runs_the_step_in_process_with_progress(server, env, capsys):
     sweep, _ = make_sweep(ctx)
     assert main(["finetune", "heroes"]) == 0
     out, err = capsys.readouterr()
-    job = records.latest_job(ctx.engine, sweep.id)
+    job = store.latest_job(ctx.engine, sweep.id)
     assert job.status == JobStatus.SUCCEEDED
     assert f"fine-tune job {job.id} succeeded: model {job.fine_tuned_model}" in out
     assert "estimate:" in err and "training loss" in err and "-> succeeded" in err
@@ -83,7 +82,7 @@ def test_the_local_backend_without_its_extra_fails_the_job_clearly(env, capsys, 
     sweep, _ = make_sweep(ctx, config=sweep_config(finetune={"backend": "local", "base_model": "/no/such/model"}))
     monkeypatch.setitem(sys.modules, "peft", None)  # as if `pip install gridtune[local]` never ran
     assert main(["finetune", "heroes"]) == 1
-    job = records.latest_job(ctx.engine, sweep.id)
+    job = store.latest_job(ctx.engine, sweep.id)
     assert job.status == JobStatus.FAILED
     assert job.error_message.startswith("the local backend needs `pip install gridtune[local]`")
     assert "pip install gridtune[local]" in capsys.readouterr().out
@@ -100,7 +99,7 @@ def test_with_workers_the_step_is_sent_as_a_task(server, env, monkeypatch, capsy
     assert main(["finetune", "heroes"]) == 0
     assert sent == [("gridtune.finetune_submit", (sweep.id, dataset_id))]
     assert "sent the fine-tune step of heroes to the workers" in capsys.readouterr().err
-    assert records.latest_job(ctx.engine, sweep.id) is None  # nothing ran here
+    assert store.latest_job(ctx.engine, sweep.id) is None  # nothing ran here
 
 
 def test_with_workers_wait_follows_the_job(server, env, monkeypatch, capsys):
@@ -127,13 +126,13 @@ def test_jobs_lists_every_job(server, env, capsys):
     run_until_done(ctx, finetune.submit(ctx, sweep.id, dataset_id))
     other, other_dataset = make_sweep(ctx, "plain", sweep_config(finetune={"backend": "none"}))
     finetune.submit(ctx, other.id, other_dataset)
-    failed = records.create_job(ctx.engine, other.id, other_dataset, "local", "/models/tiny")
-    records.set_status(ctx.engine, failed.id, JobStatus.FAILED, error_code="x", error_message="out of memory")
+    failed = store.create_job(ctx.engine, other.id, other_dataset, "local", "/models/tiny")
+    store.set_status(ctx.engine, failed.id, JobStatus.FAILED, error_code="x", error_message="out of memory")
     capsys.readouterr()
 
     assert main(["jobs"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    tuned = records.latest_job(ctx.engine, sweep.id)
+    tuned = store.latest_job(ctx.engine, sweep.id)
     assert lines[0].split()[:4] == ["id", "sweep", "backend", "status"]
     assert lines[1].split()[:4] == [str(tuned.id), "heroes", "openai", "succeeded"]
     assert f"{tuned.estimated_tokens:,}" in lines[1] and f"${tuned.estimated_cost_usd:,.2f}" in lines[1]

@@ -92,6 +92,6 @@ def run_until_done(ctx: WorkerContext, step, timeout: float = 20.0, on_step=None
 
 
 def events(ctx: WorkerContext, job_id: int) -> list[FinetuneEvent]:
-    from worker.finetune import records
+    from models import store
 
-    return records.events_after(ctx.engine, job_id)
+    return store.events_after(ctx.engine, job_id)

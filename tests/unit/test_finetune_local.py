@@ -6,11 +6,16 @@ from datetime import timedelta
 
 import pytest
 
-from models import JobStatus
+from models import JobStatus, store
 from models.schema import utcnow
 from tests.unit.test_finetune_helpers import make_context, make_sweep, sweep_config
-from worker.finetune import records
-from worker.finetune.local_backend import IGNORE_INDEX, Plan, encode_example, encode_prompt, prompt_and_reply
+from worker.finetune.local_backend import (
+    IGNORE_INDEX,
+    Plan,
+    encode_example,
+    encode_prompt,
+    prompt_and_reply,
+)
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -77,12 +82,12 @@ def test_truncation_keeps_ids_and_labels_aligned():
 def test_a_local_job_is_claimed_once_unless_its_trainer_went_silent(tmp_path):
     ctx = make_context(tmp_path)
     sweep, dataset_id = make_sweep(ctx, config=sweep_config(finetune={"backend": "local"}))
-    job = records.create_job(ctx.engine, sweep.id, dataset_id, "local", "/models/tiny")
-    records.set_status(ctx.engine, job.id, JobStatus.QUEUED)
-    assert records.claim_local(ctx.engine, job.id, stale_after=600)
-    assert not records.claim_local(ctx.engine, job.id, stale_after=600)  # a live trainer has it
-    records.update_job(ctx.engine, job.id, updated_at=utcnow() - timedelta(seconds=700))
-    assert records.claim_local(ctx.engine, job.id, stale_after=600)  # its worker died
-    records.set_status(ctx.engine, job.id, JobStatus.SUCCEEDED)
-    records.update_job(ctx.engine, job.id, updated_at=utcnow() - timedelta(days=1))
-    assert not records.claim_local(ctx.engine, job.id, stale_after=600)  # finished jobs stay finished
+    job = store.create_job(ctx.engine, sweep.id, dataset_id, "local", "/models/tiny")
+    store.set_status(ctx.engine, job.id, JobStatus.QUEUED)
+    assert store.claim_local(ctx.engine, job.id, stale_after=600)
+    assert not store.claim_local(ctx.engine, job.id, stale_after=600)  # a live trainer has it
+    store.update_job(ctx.engine, job.id, updated_at=utcnow() - timedelta(seconds=700))
+    assert store.claim_local(ctx.engine, job.id, stale_after=600)  # its worker died
+    store.set_status(ctx.engine, job.id, JobStatus.SUCCEEDED)
+    store.update_job(ctx.engine, job.id, updated_at=utcnow() - timedelta(days=1))
+    assert not store.claim_local(ctx.engine, job.id, stale_after=600)  # finished jobs stay finished

@@ -12,9 +12,15 @@ import pytest
 
 import localapi
 from models import JobStatus, SweepState, store
-from tests.unit.test_finetune_helpers import events, make_context, make_sweep, run_until_done, sweep_config
+from tests.unit.test_finetune_helpers import (
+    events,
+    make_context,
+    make_sweep,
+    run_until_done,
+    sweep_config,
+)
 from worker import finetune
-from worker.finetune import openai_backend, records
+from worker.finetune import openai_backend
 
 
 @pytest.fixture
@@ -71,13 +77,13 @@ def test_success_stores_model_estimate_files_and_events(server, tmp_path):
     assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.FINETUNING
     run_until_done(ctx, step)
 
-    job = records.get_job(ctx.engine, step.job_id)
+    job = store.get_job(ctx.engine, step.job_id)
     assert job.status == JobStatus.SUCCEEDED
     assert job.fine_tuned_model.startswith("ft:gpt-4o-mini-2024-07-18:gridtune:Heroes-of-2026:")
     assert job.provider_job_id.startswith("ftjob-")
     assert job.training_file_id and job.validation_file_id
     assert job.trained_tokens and job.finished_at is not None
-    dataset = records.get_dataset(ctx.engine, dataset_id)
+    dataset = store.get_dataset(ctx.engine, dataset_id)
     # 2 epochs over the training file; the server counts tokens the same way.
     assert job.estimated_tokens == 2 * dataset.train_tokens == job.trained_tokens
     assert job.estimated_cost_usd == pytest.approx(job.estimated_tokens * 3.00 / 1e6)
@@ -95,8 +101,8 @@ def test_auto_epochs_are_left_to_the_provider(server, tmp_path):
     sweep, dataset_id = make_sweep(ctx)
     step = finetune.submit(ctx, sweep.id, dataset_id)
     run_until_done(ctx, step)
-    job = records.get_job(ctx.engine, step.job_id)
-    examples = records.get_dataset(ctx.engine, dataset_id).train_examples
+    job = store.get_job(ctx.engine, step.job_id)
+    examples = store.get_dataset(ctx.engine, dataset_id).train_examples
     remote = ctx.client.fine_tuning.jobs.retrieve(job.provider_job_id)
     # OpenAI's auto estimate for a small file (3n < 100): min(25, 100 // n) epochs, ours too.
     assert remote.hyperparameters.n_epochs == min(25, 100 // examples)
@@ -118,7 +124,7 @@ def test_polling_records_each_status_change_and_provider_events_once(tmp_path):
         assert len(trail) >= 4 and trail == [s for s in full if s in trail]
 
         provider_events = [e for e in events(ctx, job_id) if e.provider_event_id]
-        remote = ctx.client.fine_tuning.jobs.list_events(records.get_job(ctx.engine, job_id).provider_job_id,
+        remote = ctx.client.fine_tuning.jobs.list_events(store.get_job(ctx.engine, job_id).provider_job_id,
                                                          limit=100).data
         assert sorted(e.provider_event_id for e in provider_events) == sorted(e.id for e in remote)
         metrics = [e.data for e in provider_events if e.data["type"] == "metrics"]
@@ -126,12 +132,12 @@ def test_polling_records_each_status_change_and_provider_events_once(tmp_path):
         assert [e.provider_event_id for e in provider_events] == [e.id for e in reversed(remote)]  # oldest first
 
         # Poll again as a duplicate message would: nothing is fetched or stored twice.
-        job = records.get_job(ctx.engine, job_id)
+        job = store.get_job(ctx.engine, job_id)
         assert openai_backend.new_provider_events(ctx, ctx.client, job) == []
-        records.update_job(ctx.engine, job_id, status=JobStatus.RUNNING)
+        store.update_job(ctx.engine, job_id, status=JobStatus.RUNNING)
         finetune.poll(ctx, job_id)
         assert len([e for e in events(ctx, job_id) if e.provider_event_id]) == len(remote)
-        assert not records.add_event(ctx.engine, job_id, "again", provider_event_id=remote[0].id)
+        assert not store.add_event(ctx.engine, job_id, "again", provider_event_id=remote[0].id)
 
 
 def test_failed_job_ends_with_the_reason(tmp_path):
@@ -139,7 +145,7 @@ def test_failed_job_ends_with_the_reason(tmp_path):
         ctx = make_context(tmp_path, server.base_url)
         sweep, dataset_id = make_sweep(ctx)
         run_until_done(ctx, finetune.submit(ctx, sweep.id, dataset_id))
-    job = records.latest_job(ctx.engine, sweep.id)
+    job = store.latest_job(ctx.engine, sweep.id)
     assert job.status == JobStatus.FAILED
     assert job.error_code == "internal_error" and "internal error" in job.error_message
     assert job.fine_tuned_model is None
@@ -152,8 +158,8 @@ def test_training_not_available_ends_cleanly_with_the_explanation(tmp_path):
         sweep, dataset_id = make_sweep(ctx)
         step = finetune.submit(ctx, sweep.id, dataset_id)
     assert step.poll_in is None and not step.run_local  # not retried
-    job = records.get_job(ctx.engine, step.job_id)
-    dataset = records.get_dataset(ctx.engine, dataset_id)
+    job = store.get_job(ctx.engine, step.job_id)
+    dataset = store.get_dataset(ctx.engine, dataset_id)
     assert job.status == JobStatus.UNAVAILABLE and job.error_code == "training_not_available"
     assert job.error_message.startswith("fine-tuning is not available to this organization: "
                                         "OpenAI is winding down self-serve fine-tuning (")
@@ -178,7 +184,7 @@ def test_transient_errors_are_retried_on_later_polls(server, tmp_path):
     assert step.poll_in is not None and step.poll_in > 0  # a retry, not a failure
     steps = run_until_done(ctx, step)
 
-    job = records.get_job(ctx.engine, step.job_id)
+    job = store.get_job(ctx.engine, step.job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error_message
     assert len(transport.failed) == 6, transport.failed
     retries = [e for e in events(ctx, job.id) if e.data and e.data.get("type") == "retry"]
@@ -197,7 +203,7 @@ def test_a_lost_create_response_adopts_the_job_instead_of_creating_another(serve
     run_until_done(ctx, finetune.submit(ctx, sweep.id, dataset_id))
     remote_jobs = ctx.client.fine_tuning.jobs.list().data
     assert len(remote_jobs) == 1
-    job = records.latest_job(ctx.engine, sweep.id)
+    job = store.latest_job(ctx.engine, sweep.id)
     assert job.status == JobStatus.SUCCEEDED and job.provider_job_id == remote_jobs[0].id
 
 
@@ -206,7 +212,7 @@ def test_submission_gives_up_after_max_attempts(server, tmp_path):
     ctx.client = flaky_client(server, FlakyTransport([("POST", r"/v1/files$", [503] * 10)]))
     sweep, dataset_id = make_sweep(ctx)
     steps = run_until_done(ctx, finetune.submit(ctx, sweep.id, dataset_id))
-    job = records.latest_job(ctx.engine, sweep.id)
+    job = store.latest_job(ctx.engine, sweep.id)
     assert len(steps) == 3
     assert job.status == JobStatus.FAILED and job.error_code == "server_error"
     assert "gave up after 3 attempts" in job.error_message and "HTTP 503" in job.error_message
@@ -220,7 +226,7 @@ def test_permanent_errors_fail_the_job_without_the_key(tmp_path):
         sweep, dataset_id = make_sweep(ctx)
         step = finetune.submit(ctx, sweep.id, dataset_id)
     assert step.poll_in is None
-    job = records.get_job(ctx.engine, step.job_id)
+    job = store.get_job(ctx.engine, step.job_id)
     assert job.status == JobStatus.FAILED and job.error_code == "invalid_api_key"
     assert "HTTP 401" in job.error_message
 
@@ -229,7 +235,7 @@ def test_a_bad_request_fails_the_job_with_the_providers_reason(server, tmp_path)
     ctx = make_context(tmp_path, server.base_url)
     sweep, dataset_id = make_sweep(ctx, config=sweep_config(finetune={"n_epochs": 500}))
     step = finetune.submit(ctx, sweep.id, dataset_id)
-    job = records.get_job(ctx.engine, step.job_id)
+    job = store.get_job(ctx.engine, step.job_id)
     assert step.poll_in is None
     assert job.status == JobStatus.FAILED and job.error_code == "invalid_value"
     assert "HTTP 400" in job.error_message and "n_epochs" in job.error_message
@@ -242,7 +248,7 @@ def test_the_key_is_redacted_from_stored_messages(server, tmp_path):
     ctx.client = openai.OpenAI(api_key=key, base_url=server.base_url, max_retries=0, http_client=httpx2.Client(
         transport=FlakyTransport([("POST", r"/v1/files$", [400])], body=body)))
     sweep, dataset_id = make_sweep(ctx)
-    job = records.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
+    job = store.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
     assert job.status == JobStatus.FAILED
     assert key not in job.error_message and "***" in job.error_message
     assert all(key not in e.message for e in events(ctx, job.id))
@@ -260,7 +266,7 @@ def test_submitting_again_continues_the_unfinished_job(server, tmp_path):
     third = finetune.submit(ctx, sweep.id, dataset_id)
     assert third.job_id != first.job_id
     run_until_done(ctx, third)
-    assert len(records.list_jobs(ctx.engine)) == 2
+    assert len(store.list_jobs(ctx.engine)) == 2
     assert len(ctx.client.fine_tuning.jobs.list().data) == 2
 
 
@@ -269,7 +275,7 @@ def test_backend_none_stops_at_the_dataset(tmp_path):
     sweep, dataset_id = make_sweep(ctx, config=sweep_config(finetune={"backend": "none"}))
     step = finetune.submit(ctx, sweep.id, dataset_id)
     assert step.poll_in is None and not step.run_local
-    job = records.get_job(ctx.engine, step.job_id)
+    job = store.get_job(ctx.engine, step.job_id)
     assert job.status == JobStatus.SKIPPED and job.estimated_tokens > 0
     assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.DONE
 
@@ -277,16 +283,16 @@ def test_backend_none_stops_at_the_dataset(tmp_path):
 def test_an_unusable_dataset_fails_the_job_with_a_clear_message(server, tmp_path):
     ctx = make_context(tmp_path, server.base_url)
     sweep, dataset_id = make_sweep(ctx, config=sweep_config(dataset={"min_examples": 10}))
-    train = records.get_dataset(ctx.engine, dataset_id).train_path
+    train = store.get_dataset(ctx.engine, dataset_id).train_path
     lines = open(train).read().splitlines()
     with open(train, "w") as f:
         f.write("\n".join(lines[:4]) + "\n")
-    job = records.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
+    job = store.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
     assert job.status == JobStatus.FAILED and job.error_code == "too_few_examples"
     assert "4 examples, fewer than dataset.min_examples = 10" in job.error_message
 
     os.remove(train)
-    job = records.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
+    job = store.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
     assert job.status == JobStatus.FAILED and job.error_code == "dataset_missing"
     assert train in job.error_message
     assert ctx.client.files.list().data == []  # nothing was uploaded

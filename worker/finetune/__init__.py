@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from models import JobStatus, SweepState, store
 from models.schema import Dataset, FinetuneJob
 from worker.context import sweep_config_of
-from worker.finetune import records
 from worker.finetune.estimate import estimate_training, example_tokens
 
 log = logging.getLogger(__name__)
@@ -37,32 +36,32 @@ def poll_interval(settings) -> float:
 def submit(ctx, sweep_id: int, dataset_id: int) -> Step:
     """Start fine-tuning the sweep's dataset with the backend its config names."""
     engine = ctx.engine
-    active = records.active_job(engine, sweep_id, dataset_id)
+    active = store.active_job(engine, sweep_id, dataset_id)
     if active is not None:
         log.info("fine-tune job %s (%s) is still %s: continuing it", active.id, active.backend, active.status)
         return next_step(ctx, active)
     config = sweep_config_of(store.get_sweep_by_id(engine, sweep_id))
     settings = config.finetune
-    dataset = records.get_dataset(engine, dataset_id)
+    dataset = store.get_dataset(engine, dataset_id)
     store.set_sweep_state(engine, sweep_id, SweepState.FINETUNING)
-    job = records.create_job(engine, sweep_id, dataset_id, settings.backend, settings.base_model)
+    job = store.create_job(engine, sweep_id, dataset_id, settings.backend, settings.base_model)
     if not _check_and_estimate(ctx, job, dataset, config):
         return Step(job.id)
     if settings.backend == "none":
-        records.set_status(engine, job.id, JobStatus.SKIPPED,
+        store.set_status(engine, job.id, JobStatus.SKIPPED,
                            f'backend = "none": the dataset is ready at {dataset.train_path}')
         return Step(job.id)
     if settings.backend == "local":
-        records.set_status(engine, job.id, JobStatus.QUEUED, "waiting for a worker on the `finetune` queue")
+        store.set_status(engine, job.id, JobStatus.QUEUED, "waiting for a worker on the `finetune` queue")
         return Step(job.id, run_local=True)
     from worker.finetune import openai_backend
 
-    return openai_backend.start(ctx, records.get_job(engine, job.id))
+    return openai_backend.start(ctx, store.get_job(engine, job.id))
 
 
 def poll(ctx, job_id: int) -> Step:
     """Follow a remote job one step (or submit it again after a transient failure)."""
-    job = records.get_job(ctx.engine, job_id)
+    job = store.get_job(ctx.engine, job_id)
     if job.status in JobStatus.FINAL or job.backend != "openai":
         return Step(job.id)  # a duplicate or stray poll message: nothing to do
     from worker.finetune import openai_backend
@@ -92,18 +91,18 @@ def _check_and_estimate(ctx, job: FinetuneJob, dataset: Dataset, config) -> bool
     try:
         counts = example_tokens(dataset.train_path, dataset.encoding)
     except OSError as exc:
-        records.set_status(engine, job.id, JobStatus.FAILED, error_code="dataset_missing",
+        store.set_status(engine, job.id, JobStatus.FAILED, error_code="dataset_missing",
                            error_message=f"cannot read the training file {dataset.train_path}: {exc.strerror}; "
                                          "rebuild the dataset by running the sweep again")
         return False
     minimum = config.dataset.min_examples
     if len(counts) < minimum:
-        records.set_status(engine, job.id, JobStatus.FAILED, error_code="too_few_examples",
+        store.set_status(engine, job.id, JobStatus.FAILED, error_code="too_few_examples",
                            error_message=f"the training file has {len(counts)} examples, fewer than "
                                          f"dataset.min_examples = {minimum}: {dataset.train_path}")
         return False
     estimate = estimate_training(counts, config.finetune)
-    records.update_job(engine, job.id, estimated_tokens=estimate.training_tokens,
+    store.update_job(engine, job.id, estimated_tokens=estimate.training_tokens,
                        estimated_cost_usd=estimate.cost_usd)
-    records.add_event(engine, job.id, estimate.describe(config.finetune.base_model), data=estimate.as_data())
+    store.add_event(engine, job.id, estimate.describe(config.finetune.base_model), data=estimate.as_data())
     return True

@@ -6,11 +6,10 @@ import openai
 
 from gridtune.errors import UserError
 from gridtune.sweep import SweepConfig
-from models import JobStatus
+from models import JobStatus, store
 from models.schema import FinetuneJob, Sweep
 from worker.context import sweep_config_of
 from worker.dataset import LEGACY_SEPARATOR, LEGACY_STOP
-from worker.finetune import records
 from worker.llm import classify, redact
 
 ASK_RETRIES = 2  # one interactive call: let the SDK ride out a blip
@@ -32,7 +31,7 @@ def stop_word(config: SweepConfig) -> str | None:
 
 def finished_job(engine, sweep: Sweep) -> FinetuneJob:
     """The sweep's latest job if it produced a model; else a UserError that says why not."""
-    job = records.latest_job(engine, sweep.id)
+    job = store.latest_job(engine, sweep.id)
     name = sweep.name
     if job is None:
         raise UserError(f"sweep {name} has no fine-tune job yet (state {sweep.state}): "

@@ -20,7 +20,6 @@ from typing import Any, Callable
 from gridtune.sweep import AskSettings, FinetuneSettings
 from models import JobStatus, store
 from worker.context import sweep_config_of
-from worker.finetune import records
 
 log = logging.getLogger(__name__)
 
@@ -154,18 +153,18 @@ def _pad_id(tokenizer) -> int:
 def train(ctx, job_id: int, on_event: Callable[[str], None] | None = None) -> None:
     """Train the job's adapter; every outcome ends up on the job row (this never raises, but for ^C)."""
     engine = ctx.engine
-    if not records.claim_local(engine, job_id, STALE_AFTER_SECONDS):
-        job = records.get_job(engine, job_id)
+    if not store.claim_local(engine, job_id, STALE_AFTER_SECONDS):
+        job = store.get_job(engine, job_id)
         log.info("local fine-tune job %s is %s: not training it here", job_id, job.status)
         return
-    job = records.get_job(engine, job_id)
+    job = store.get_job(engine, job_id)
     sweep = store.get_sweep_by_id(engine, job.sweep_id)
     settings = sweep_config_of(sweep).finetune
-    dataset = records.get_dataset(engine, job.dataset_id)
+    dataset = store.get_dataset(engine, job.dataset_id)
     adapter_dir = (ctx.settings.data_dir / sweep.name / "adapter").resolve()
 
     def event(message: str, **data: Any) -> None:
-        records.add_event(engine, job_id, message, data=data or None)
+        store.add_event(engine, job_id, message, data=data or None)
         log.info("local fine-tune job %s: %s", job_id, message)
         if on_event:
             on_event(message)
@@ -173,14 +172,14 @@ def train(ctx, job_id: int, on_event: Callable[[str], None] | None = None) -> No
     try:
         trained_tokens = _train(ctx, job_id, settings, dataset, adapter_dir, event)
     except Exception as exc:  # noqa: BLE001 - any failure is the job's, reported on its row
-        records.set_status(engine, job_id, JobStatus.FAILED, error_code=type(exc).__name__,
+        store.set_status(engine, job_id, JobStatus.FAILED, error_code=type(exc).__name__,
                            error_message=_failure_reason(exc))
         return
     except BaseException:
-        records.set_status(engine, job_id, JobStatus.FAILED, error_code="interrupted",
+        store.set_status(engine, job_id, JobStatus.FAILED, error_code="interrupted",
                            error_message="training was interrupted")
         raise
-    records.set_status(engine, job_id, JobStatus.SUCCEEDED, f"adapter saved to {adapter_dir}",
+    store.set_status(engine, job_id, JobStatus.SUCCEEDED, f"adapter saved to {adapter_dir}",
                        fine_tuned_model=str(adapter_dir), trained_tokens=trained_tokens)
 
 
@@ -237,7 +236,7 @@ def _train(ctx, job_id: int, settings: FinetuneSettings, dataset, adapter_dir: P
                 event(f"step {step}/{total}: loss {loss.item():.4f}",
                       type="metrics", step=step, epoch=epoch, loss=round(loss.item(), 6))
             if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
-                records.heartbeat(engine, job_id)
+                store.heartbeat(engine, job_id)
                 last_beat = time.monotonic()
     if dataset.validation_path:
         validation_loss = _evaluate(torch, model, tokenizer, dataset.validation_path, settings, pad_id, device)

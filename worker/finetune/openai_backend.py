@@ -20,7 +20,7 @@ from gridtune.sweep import FinetuneSettings
 from models import JobStatus, store
 from models.schema import FinetuneJob
 from worker.context import sweep_config_of
-from worker.finetune import Step, poll_interval, records
+from worker.finetune import Step, poll_interval
 from worker.llm import backoff, classify, redact
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def start(ctx, job: FinetuneJob) -> Step:
     engine = ctx.engine
     sweep = store.get_sweep_by_id(engine, job.sweep_id)
     settings = sweep_config_of(sweep).finetune
-    dataset = records.get_dataset(engine, job.dataset_id)
+    dataset = store.get_dataset(engine, job.dataset_id)
     try:
         client = ctx.client
     except UserError as exc:
@@ -101,7 +101,7 @@ def poll(ctx, job: FinetuneJob) -> Step:
     except openai.OpenAIError as exc:
         return api_error(ctx, job, exc, "polling the fine-tune job")
     for event in fresh:
-        records.add_event(
+        store.add_event(
             ctx.engine, job.id, redact(event.message, ctx.settings),
             level=event.level,
             data={"type": event.type, **(event.data or {})},
@@ -114,8 +114,8 @@ def poll(ctx, job: FinetuneJob) -> Step:
 def _upload(ctx, job: FinetuneJob, path: str, column: str) -> str:
     with open(path, "rb") as content:
         uploaded = ctx.client.files.create(file=(Path(path).name, content), purpose="fine-tune")
-    records.update_job(ctx.engine, job.id, **{column: uploaded.id})
-    records.add_event(ctx.engine, job.id, f"uploaded {Path(path).name} as {uploaded.id}",
+    store.update_job(ctx.engine, job.id, **{column: uploaded.id})
+    store.add_event(ctx.engine, job.id, f"uploaded {Path(path).name} as {uploaded.id}",
                       data={"type": "upload", "file_id": uploaded.id})
     return uploaded.id
 
@@ -130,14 +130,14 @@ def _created_earlier(client: openai.OpenAI, training_file_id: str):
 
 
 def _accepted(ctx, job: FinetuneJob, remote, detail: str) -> Step:
-    records.set_status(ctx.engine, job.id, remote.status, detail, provider_job_id=remote.id)
+    store.set_status(ctx.engine, job.id, remote.status, detail, provider_job_id=remote.id)
     log.info("fine-tune job %s: %s", job.id, detail)
     return Step(job.id, poll_in=poll_interval(ctx.settings))
 
 
 def new_provider_events(ctx, client: openai.OpenAI, job: FinetuneJob) -> list:
     """The provider's events not stored yet, oldest first (the API pages newest first)."""
-    known = records.provider_event_ids(ctx.engine, job.id)
+    known = store.provider_event_ids(ctx.engine, job.id)
     fresh: list = []
     after: dict[str, str] = {}
     while True:
@@ -162,7 +162,7 @@ def _record_remote(ctx, job: FinetuneJob, remote) -> Step:
         values["error_code"] = (error.code if error else None) or "failed"
         values["error_message"] = redact(error.message if error and error.message else "the provider gave no reason",
                                          ctx.settings)
-    records.set_status(ctx.engine, job.id, remote.status, **values)
+    store.set_status(ctx.engine, job.id, remote.status, **values)
     if remote.status in JobStatus.FINAL:
         log.info("fine-tune job %s ended %s %s", job.id, remote.status, remote.fine_tuned_model or "")
         return Step(job.id)
@@ -173,9 +173,9 @@ def api_error(ctx, job: FinetuneJob, exc: openai.OpenAIError, doing: str) -> Ste
     """Turn an API error into the job's state and the next step; never raises."""
     settings = ctx.settings
     if isinstance(exc, openai.PermissionDeniedError) and exc.code == "training_not_available":
-        train_path = records.get_dataset(ctx.engine, job.dataset_id).train_path
+        train_path = store.get_dataset(ctx.engine, job.dataset_id).train_path
         message = UNAVAILABLE.format(reason=redact(exc.message, settings), train_path=train_path)
-        records.set_status(ctx.engine, job.id, JobStatus.UNAVAILABLE, error_code=exc.code, error_message=message)
+        store.set_status(ctx.engine, job.id, JobStatus.UNAVAILABLE, error_code=exc.code, error_message=message)
         log.warning("fine-tune job %s: %s", job.id, message)
         return Step(job.id)
     failure = classify(exc)
@@ -190,7 +190,7 @@ def api_error(ctx, job: FinetuneJob, exc: openai.OpenAIError, doing: str) -> Ste
     interval = poll_interval(settings)
     wait = min(settings.max_countdown,
                max(failure.retry_after or 0.0, interval + backoff(retry - 1, settings.max_countdown, base=interval)))
-    records.add_event(ctx.engine, job.id, f"{reason}; retry {retry} in {wait:.1f}s", level="warning",
+    store.add_event(ctx.engine, job.id, f"{reason}; retry {retry} in {wait:.1f}s", level="warning",
                       data={"type": "retry", "retry": retry, "error": failure.kind})
     log.warning("fine-tune job %s: %s; retry %d in %.1fs", job.id, reason, retry, wait)
     return Step(job.id, poll_in=wait)
@@ -198,13 +198,13 @@ def api_error(ctx, job: FinetuneJob, exc: openai.OpenAIError, doing: str) -> Ste
 
 def _retries_so_far(ctx, job: FinetuneJob) -> int:
     """Consecutive transient failures: the last event counts them while nothing else happened."""
-    last = records.last_event(ctx.engine, job.id)
+    last = store.last_event(ctx.engine, job.id)
     if last is None or not last.data or last.data.get("type") != "retry":
         return 0
     return int(last.data["retry"])
 
 
 def _fail(ctx, job: FinetuneJob, code: str, message: str) -> Step:
-    records.set_status(ctx.engine, job.id, JobStatus.FAILED, error_code=code, error_message=message)
+    store.set_status(ctx.engine, job.id, JobStatus.FAILED, error_code=code, error_message=message)
     log.error("fine-tune job %s failed: %s", job.id, message)
     return Step(job.id)
