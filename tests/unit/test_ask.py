@@ -116,7 +116,7 @@ def test_ask_errors_are_one_line(ctx, capsys):
 
     job = store.create_job(ctx.engine, sweep.id, dataset_id, "openai", "gpt-4o-mini")
     store.set_status(ctx.engine, job.id, JobStatus.UNAVAILABLE,
-                       error_message="fine-tuning is not available to this organization: ...")
+                     error_message="fine-tuning is not available to this organization: ...")
     assert "sweep heroes has no tuned model: fine-tuning is not available to this organization" in ask_error("heroes")
 
     job = store.create_job(ctx.engine, sweep.id, dataset_id, "none", "gpt-4o-mini")

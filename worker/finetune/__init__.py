@@ -49,7 +49,7 @@ def submit(ctx, sweep_id: int, dataset_id: int) -> Step:
         return Step(job.id)
     if settings.backend == "none":
         store.set_status(engine, job.id, JobStatus.SKIPPED,
-                           f'backend = "none": the dataset is ready at {dataset.train_path}')
+                         f'backend = "none": the dataset is ready at {dataset.train_path}')
         return Step(job.id)
     if settings.backend == "local":
         store.set_status(engine, job.id, JobStatus.QUEUED, "waiting for a worker on the `finetune` queue")
@@ -92,17 +92,17 @@ def _check_and_estimate(ctx, job: FinetuneJob, dataset: Dataset, config) -> bool
         counts = example_tokens(dataset.train_path, dataset.encoding)
     except OSError as exc:
         store.set_status(engine, job.id, JobStatus.FAILED, error_code="dataset_missing",
-                           error_message=f"cannot read the training file {dataset.train_path}: {exc.strerror}; "
+                         error_message=f"cannot read the training file {dataset.train_path}: {exc.strerror}; "
                                          "rebuild the dataset by running the sweep again")
         return False
     minimum = config.dataset.min_examples
     if len(counts) < minimum:
         store.set_status(engine, job.id, JobStatus.FAILED, error_code="too_few_examples",
-                           error_message=f"the training file has {len(counts)} examples, fewer than "
+                         error_message=f"the training file has {len(counts)} examples, fewer than "
                                          f"dataset.min_examples = {minimum}: {dataset.train_path}")
         return False
     estimate = estimate_training(counts, config.finetune)
     store.update_job(engine, job.id, estimated_tokens=estimate.training_tokens,
-                       estimated_cost_usd=estimate.cost_usd)
+                     estimated_cost_usd=estimate.cost_usd)
     store.add_event(engine, job.id, estimate.describe(config.finetune.base_model), data=estimate.as_data())
     return True

@@ -173,14 +173,14 @@ def train(ctx, job_id: int, on_event: Callable[[str], None] | None = None) -> No
         trained_tokens = _train(ctx, job_id, settings, dataset, adapter_dir, event)
     except Exception as exc:  # noqa: BLE001 - any failure is the job's, reported on its row
         store.set_status(engine, job_id, JobStatus.FAILED, error_code=type(exc).__name__,
-                           error_message=_failure_reason(exc))
+                         error_message=_failure_reason(exc))
         return
     except BaseException:
         store.set_status(engine, job_id, JobStatus.FAILED, error_code="interrupted",
-                           error_message="training was interrupted")
+                         error_message="training was interrupted")
         raise
     store.set_status(engine, job_id, JobStatus.SUCCEEDED, f"adapter saved to {adapter_dir}",
-                       fine_tuned_model=str(adapter_dir), trained_tokens=trained_tokens)
+                     fine_tuned_model=str(adapter_dir), trained_tokens=trained_tokens)
 
 
 def _failure_reason(exc: Exception) -> str:

@@ -116,7 +116,7 @@ def _upload(ctx, job: FinetuneJob, path: str, column: str) -> str:
         uploaded = ctx.client.files.create(file=(Path(path).name, content), purpose="fine-tune")
     store.update_job(ctx.engine, job.id, **{column: uploaded.id})
     store.add_event(ctx.engine, job.id, f"uploaded {Path(path).name} as {uploaded.id}",
-                      data={"type": "upload", "file_id": uploaded.id})
+                    data={"type": "upload", "file_id": uploaded.id})
     return uploaded.id
 
 
@@ -191,7 +191,7 @@ def api_error(ctx, job: FinetuneJob, exc: openai.OpenAIError, doing: str) -> Ste
     wait = min(settings.max_countdown,
                max(failure.retry_after or 0.0, interval + backoff(retry - 1, settings.max_countdown, base=interval)))
     store.add_event(ctx.engine, job.id, f"{reason}; retry {retry} in {wait:.1f}s", level="warning",
-                      data={"type": "retry", "retry": retry, "error": failure.kind})
+                    data={"type": "retry", "retry": retry, "error": failure.kind})
     log.warning("fine-tune job %s: %s; retry %d in %.1fs", job.id, reason, retry, wait)
     return Step(job.id, poll_in=wait)
 
