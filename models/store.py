@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -24,6 +24,8 @@ from models.schema import (
     utcnow,
 )
 
+T = TypeVar("T")
+
 
 # --- sweeps -------------------------------------------------------------------------------------
 def find_sweep(engine: Engine, name: str) -> Sweep | None:
@@ -41,12 +43,23 @@ def get_sweep(engine: Engine, name: str) -> Sweep:
     return sweep
 
 
-def get_sweep_by_id(engine: Engine, sweep_id: int) -> Sweep:
+def _get(engine: Engine, table: type[T], row_id: int, what: str) -> T:
+    """The row `row_id` of `table`, or LookupError naming `what` was missing."""
     with session_scope(engine) as session:
-        sweep = session.get(Sweep, sweep_id)
-    if sweep is None:
-        raise LookupError(f"sweep {sweep_id} does not exist")
-    return sweep
+        row = session.get(table, row_id)
+    if row is None:
+        raise LookupError(f"{what} {row_id} does not exist")
+    return row
+
+
+def _latest(engine: Engine, table: type[T], sweep_id: int) -> T | None:
+    """The sweep's newest row of `table` (datasets and jobs: re-runs add new ones)."""
+    with session_scope(engine) as session:
+        return session.scalar(select(table).where(table.sweep_id == sweep_id).order_by(table.id.desc()).limit(1))
+
+
+def get_sweep_by_id(engine: Engine, sweep_id: int) -> Sweep:
+    return _get(engine, Sweep, sweep_id, "sweep")
 
 
 def create_or_resume_sweep(
@@ -270,16 +283,11 @@ ERROR_STATUSES = frozenset({JobStatus.FAILED, JobStatus.UNAVAILABLE})
 
 # --- datasets -----------------------------------------------------------------------------------
 def get_dataset(engine: Engine, dataset_id: int) -> Dataset:
-    with session_scope(engine) as session:
-        dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise LookupError(f"dataset {dataset_id} does not exist")
-    return dataset
+    return _get(engine, Dataset, dataset_id, "dataset")
 
 
 def latest_dataset(engine: Engine, sweep_id: int) -> Dataset | None:
-    with session_scope(engine) as session:
-        return session.scalar(select(Dataset).where(Dataset.sweep_id == sweep_id).order_by(Dataset.id.desc()).limit(1))
+    return _latest(engine, Dataset, sweep_id)
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -295,18 +303,11 @@ def create_job(engine: Engine, sweep_id: int, dataset_id: int, backend: str, bas
 
 
 def get_job(engine: Engine, job_id: int) -> FinetuneJob:
-    with session_scope(engine) as session:
-        job = session.get(FinetuneJob, job_id)
-    if job is None:
-        raise LookupError(f"fine-tune job {job_id} does not exist")
-    return job
+    return _get(engine, FinetuneJob, job_id, "fine-tune job")
 
 
 def latest_job(engine: Engine, sweep_id: int) -> FinetuneJob | None:
-    with session_scope(engine) as session:
-        return session.scalar(
-            select(FinetuneJob).where(FinetuneJob.sweep_id == sweep_id).order_by(FinetuneJob.id.desc()).limit(1)
-        )
+    return _latest(engine, FinetuneJob, sweep_id)
 
 
 def active_job(engine: Engine, sweep_id: int, dataset_id: int) -> FinetuneJob | None:
