@@ -137,8 +137,18 @@ def list_sweeps(engine: Engine) -> list[Sweep]:
         return list(session.scalars(select(Sweep).order_by(Sweep.id)))
 
 
+_configs: dict[tuple[int, str], SweepConfig] = {}
+
+
 def sweep_config(sweep: Sweep) -> SweepConfig:
-    return config_from_snapshot(sweep.config)
+    """A stored sweep's config, parsed once per process and config version (its fingerprint)."""
+    cache_key = (sweep.id, sweep.fingerprint)
+    config = _configs.get(cache_key)
+    if config is None:
+        if len(_configs) > 64:
+            _configs.clear()
+        config = _configs[cache_key] = config_from_snapshot(sweep.config)
+    return config
 
 
 # --- generation rows ----------------------------------------------------------------------------
@@ -169,14 +179,6 @@ def sweep_and_row(engine: Engine, sweep_id: int, index: int) -> tuple[Sweep, boo
     return found[0], bool(found[1])
 
 
-def has_row(engine: Engine, sweep_id: int, index: int) -> bool:
-    with session_scope(engine) as session:
-        found = session.scalar(
-            select(Generation.id).where(Generation.sweep_id == sweep_id, Generation.request_index == index)
-        )
-        return found is not None
-
-
 def ok_indices(engine: Engine, sweep_id: int) -> set[int]:
     with session_scope(engine) as session:
         rows = session.execute(
@@ -194,12 +196,6 @@ def forget_failed_rows(engine: Engine, sweep_id: int) -> int:
             delete(Generation).where(Generation.sweep_id == sweep_id, Generation.state != RowState.OK)
         )
         return result.rowcount
-
-
-def missing_indices(engine: Engine, sweep_id: int, total: int) -> Iterator[int]:
-    """Request indices with no ok row, in order."""
-    done = ok_indices(engine, sweep_id)
-    return (index for index in range(total) if index not in done)
 
 
 def iter_rows(engine: Engine, sweep_id: int, *, state: str | None = None, batch: int = 2000) -> Iterator[Generation]:

@@ -16,7 +16,7 @@ from typing import Iterator
 import redis
 
 from gridtune.settings import Settings, get_settings
-from gridtune.sweep import SweepConfig, config_from_snapshot
+from gridtune.sweep import SweepConfig
 from models import get_engine
 from worker.ratelimit import Limits, RateLimiter
 
@@ -102,20 +102,6 @@ def in_flight(client: redis.Redis, sweep_id: int, task_id: str) -> Iterator[None
 
 def count_in_flight(client: redis.Redis, sweep_id: int) -> int:
     return client.zcount(IN_FLIGHT_KEY.format(sweep_id=sweep_id), time.time() - IN_FLIGHT_HORIZON, "+inf")
-
-
-_configs: dict[tuple[int, str], SweepConfig] = {}
-
-
-def sweep_config_of(sweep) -> SweepConfig:
-    """A stored sweep's config, parsed once per process and config version (its fingerprint)."""
-    cache_key = (sweep.id, sweep.fingerprint)
-    config = _configs.get(cache_key)
-    if config is None:
-        if len(_configs) > 64:
-            _configs.clear()
-        config = _configs[cache_key] = config_from_snapshot(sweep.config)
-    return config
 
 
 _context: WorkerContext | None = None

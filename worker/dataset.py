@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 from gridtune.sweep import SweepConfig
 from models import RowState, SweepState, session_scope, store
 from models.schema import Dataset
-from worker.context import WorkerContext, sweep_config_of
+from worker.context import WorkerContext
 from worker.tokens import count_messages, encoding_name
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
     if not store.claim_finalizer(engine, sweep_id):
         log.info("sweep %s: already finalized (state %s)", sweep.name, sweep.state)
         return FinalizeResult("already_finalized")
-    config = sweep_config_of(sweep)
+    config = store.sweep_config(sweep)
     out_dir = ctx.settings.data_dir / sweep.name
     summary = write_dataset(_rows(ctx, sweep_id), config, out_dir)
     dropped = ", ".join(f"{n} {why}" for why, n in summary.dropped.items() if n) or "none"

@@ -19,7 +19,7 @@ from gridtune.sweep import Request, SweepConfig, request_at
 from models import RowState, SweepState, store
 from models.schema import utcnow
 from worker import llm
-from worker.context import WorkerContext, sweep_config_of
+from worker.context import WorkerContext
 from worker.tokens import count_messages, encoding_name
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _store(ctx: WorkerContext, values: dict[str, Any]) -> bool:
 def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: BaseException) -> None:
     """A bug must not lose the row or block the chord: store it as failed with the reason."""
     sweep = store.get_sweep_by_id(ctx.engine, sweep_id)
-    request = request_at(sweep_config_of(sweep), index)
+    request = request_at(store.sweep_config(sweep), index)
     _store(ctx, _row(sweep_id, request, state=RowState.FAILED, error_kind="internal",
                      error=llm.redact(f"{exc.__class__.__name__}: {exc}", ctx.settings)[:2000]))
 
@@ -96,7 +96,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
     sweep, stored = store.sweep_and_row(engine, sweep_id, index)
     if stored:
         return Outcome(attempts=attempts, rate_limited=rate_limited)  # redelivered: never call twice
-    config = sweep_config_of(sweep)
+    config = store.sweep_config(sweep)
     request = request_at(config, index)
     started = utcnow()
 

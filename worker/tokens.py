@@ -27,10 +27,6 @@ def _encoding(name: str):
     return bpe_openai.get_encoding(name)
 
 
-def count_text(text: str, encoding: str = "o200k_base") -> int:
-    return len(_encoding(encoding).encode_ordinary(text))
-
-
 def count_messages(messages: Iterable[Mapping[str, str]], encoding: str = "o200k_base") -> int:
     enc = _encoding(encoding)
     total = TOKENS_PER_EXAMPLE

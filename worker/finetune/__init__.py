@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from models import JobStatus, SweepState, store
 from models.schema import Dataset, FinetuneJob
-from worker.context import sweep_config_of
 from worker.finetune.estimate import estimate_training, example_tokens
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ def submit(ctx, sweep_id: int, dataset_id: int) -> Step:
     if active is not None:
         log.info("fine-tune job %s (%s) is still %s: continuing it", active.id, active.backend, active.status)
         return next_step(ctx, active)
-    config = sweep_config_of(store.get_sweep_by_id(engine, sweep_id))
+    config = store.sweep_config(store.get_sweep_by_id(engine, sweep_id))
     settings = config.finetune
     dataset = store.get_dataset(engine, dataset_id)
     store.set_sweep_state(engine, sweep_id, SweepState.FINETUNING)

@@ -8,7 +8,6 @@ from gridtune.errors import UserError
 from gridtune.sweep import SweepConfig
 from models import JobStatus, store
 from models.schema import FinetuneJob, Sweep
-from worker.context import sweep_config_of
 from worker.dataset import LEGACY_SEPARATOR, LEGACY_STOP
 from worker.llm import classify, redact
 
@@ -52,7 +51,7 @@ def finished_job(engine, sweep: Sweep) -> FinetuneJob:
 
 def sample(ctx, sweep: Sweep, job: FinetuneJob, text: str) -> str:
     """The tuned model's reply to `text` (job: from finished_job); UserError when it cannot answer."""
-    config = sweep_config_of(sweep)
+    config = store.sweep_config(sweep)
     messages = ask_messages(config, text)
     if job.backend == "local":
         return _ask_local(job, config, messages)

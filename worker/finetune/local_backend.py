@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 from gridtune.sweep import AskSettings, FinetuneSettings
 from models import JobStatus, store
-from worker.context import sweep_config_of
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def train(ctx, job_id: int, on_event: Callable[[str], None] | None = None) -> No
         return
     job = store.get_job(engine, job_id)
     sweep = store.get_sweep_by_id(engine, job.sweep_id)
-    settings = sweep_config_of(sweep).finetune
+    settings = store.sweep_config(sweep).finetune
     dataset = store.get_dataset(engine, job.dataset_id)
     adapter_dir = (ctx.settings.data_dir / sweep.name / "adapter").resolve()
 

@@ -19,7 +19,6 @@ from gridtune.errors import UserError
 from gridtune.sweep import FinetuneSettings
 from models import JobStatus, store
 from models.schema import FinetuneJob
-from worker.context import sweep_config_of
 from worker.finetune import Step, poll_interval
 from worker.llm import backoff, classify, redact
 
@@ -65,7 +64,7 @@ def start(ctx, job: FinetuneJob) -> Step:
     """Upload the dataset (unless an earlier attempt did) and create the provider's job."""
     engine = ctx.engine
     sweep = store.get_sweep_by_id(engine, job.sweep_id)
-    settings = sweep_config_of(sweep).finetune
+    settings = store.sweep_config(sweep).finetune
     dataset = store.get_dataset(engine, job.dataset_id)
     try:
         client = ctx.client
