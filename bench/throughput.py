@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    PYTHON, REDIS_URL, ROOT, LocalAPI, bench_env, flush_redis, md_table, postgres_database,
+    PYTHON, ROOT, LocalAPI, bench_env, flush_redis, md_table, postgres_database,
     proc_cpu_seconds, server_cpu_seconds, sweep_toml,
 )
 
