@@ -14,6 +14,12 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def _default_model_cache() -> Path:
+    from gridtune.localmodel import default_cache_dir
+
+    return default_cache_dir()
+
+
 def _env(name: str, *more: str):
     return AliasChoices(name, *more)
 
@@ -32,6 +38,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("gridtune-data"), validation_alias=_env("GRIDTUNE_DATA_DIR"))
     # USD per 1M tokens for cost estimates; None = the bundled gridtune/prices.toml.
     prices_path: Path | None = Field(None, validation_alias=_env("GRIDTUNE_PRICES"))
+    # Local models converted once (a packaged GGUF -> safetensors folder), shared by every sweep.
+    model_cache_dir: Path = Field(default_factory=lambda: _default_model_cache(),
+                                  validation_alias=_env("GRIDTUNE_MODEL_CACHE"))
 
     # --- the model API -----------------------------------------------------------------------
     openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
