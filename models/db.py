@@ -6,7 +6,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -67,6 +67,28 @@ def create_schema(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
         Base.metadata.create_all(conn)
+        add_missing_columns(conn)
+
+
+def add_missing_columns(conn) -> None:
+    """Additive migration: columns a newer gridtune declares that an older database lacks.
+
+    Only nullable columns without server defaults are ever added to existing tables, so an old
+    database keeps working without a migration tool; nothing is renamed or dropped.
+    """
+    existing_tables = set(inspect(conn).get_table_names())
+    for table in Base.metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue
+        present = {column["name"] for column in inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise UserError(f"the database's table {table.name} lacks the required column {column.name}: "
+                                "use a new database (DATABASE_URL) for this gridtune version")
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def get_engine(url: str) -> Engine:
