@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,3 +165,55 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     (out / "gridtune-source.json").write_text(json.dumps(
         {"gguf": str(gguf), "seconds": round(time.monotonic() - started, 1)}), encoding="utf-8")
+
+
+TRAINING_STACK = ("torch", "transformers", "peft", "trl")
+SERVING_STACK = ("torch", "transformers")
+
+
+def require_modules(names: tuple[str, ...]) -> None:
+    """LocalModelError naming the `local` extra when any of `names` cannot be imported."""
+    missing = [name for name in names if not _importable(name)]
+    if missing:
+        raise LocalModelError(f"{MISSING_EXTRA}; missing: {', '.join(missing)}")
+
+
+def _importable(name: str) -> bool:
+    if name in sys.modules:  # None there means "known missing" (tests hide modules this way)
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
+def check_adapter(path: str) -> Path:
+    """A tuned adapter's folder, ready to serve; LocalModelError naming what is missing."""
+    require_modules(SERVING_STACK + ("peft",))
+    folder = resolve(path)
+    if not is_adapter(folder):
+        raise LocalModelError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
+    return folder
+
+
+def check_config(config, on_convert=None) -> None:
+    """Before anything is stored or sent: every local model the sweep names can be loaded.
+
+    Resolves (and, the first time, converts) the generation model and a local fine-tune's base
+    model; raises LocalModelError (exit 2) for a missing extra, model package or folder.
+    `on_convert(alias)` is called before a conversion starts (it takes about 20 s).
+    """
+    if is_local_model(config.model.name):
+        require_modules(SERVING_STACK)
+        _resolve_announced(config.model.name, on_convert)
+    if config.finetune.backend == "local":
+        require_modules(TRAINING_STACK)
+        if is_local_model(config.finetune.base_model):
+            _resolve_announced(config.finetune.base_model, on_convert)
+
+
+def _resolve_announced(name: str, on_convert) -> Path:
+    if is_alias(name) and on_convert is not None:
+        from gridtune.settings import get_settings
+
+        if not (get_settings().model_cache_dir / name / "config.json").is_file():
+            packaged_file(ALIASES[name])  # a missing package is said before "converting"
+            on_convert(name)
+    return resolve(name)

@@ -25,6 +25,8 @@ from gridtune.errors import ConfigError
 Scalar = str | int | float | bool
 
 DEFAULT_CONFIG = "superhero.toml"
+# The same sweep on the packaged local model (no key, no network): the default without OPENAI_API_KEY.
+LOCAL_CONFIG = "superhero-local.toml"
 
 
 class _Section(BaseModel):
@@ -81,6 +83,8 @@ class FinetuneSettings(_Section):
 class AskSettings(_Section):
     temperature: float = Field(0.7, ge=0, le=2)
     max_output_tokens: int = Field(256, ge=1)
+    # An input the sweep's summary asks the tuned model (default: the first request's input).
+    example: str | None = None
 
 
 class SweepConfig(_Section):
@@ -215,11 +219,12 @@ def parse_config(text: str, source: str = "config", max_requests: int | None = N
     return config
 
 
-def load_config(path: str | Path | None = None, max_requests: int | None = None) -> SweepConfig:
-    """Load a sweep config file; None = the shipped default (the tutorial's 294 requests)."""
+def load_config(path: str | Path | None = None, max_requests: int | None = None,
+                bundled: str = DEFAULT_CONFIG) -> SweepConfig:
+    """Load a sweep config file; None = the shipped `bundled` one (the tutorial's 294 requests)."""
     if path is None:
-        data = resources.files("gridtune").joinpath("sweeps", DEFAULT_CONFIG).read_bytes()
-        source = f"sweeps/{DEFAULT_CONFIG}"
+        data = resources.files("gridtune").joinpath("sweeps", bundled).read_bytes()
+        source = f"sweeps/{bundled}"
     else:
         source = str(path)
         try:

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="answer ft:<base>:gridtune:... models trained by an earlier run of the server",
     )
+    add("--max-batch", type=int, default=DEFAULTS.max_batch,
+        help="real models (smollm2-135m, a model folder, an adapter folder): requests generated together")
     add("--seed", type=int, default=DEFAULTS.seed, help="seeds replies and fault draws")
     return parser
 

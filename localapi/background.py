@@ -87,7 +87,7 @@ class ServerHandle:
         self._thread = self._server = self._loop = self._stop_requested = None
 
     def stats(self) -> dict:
-        return self._on_loop(lambda server: server.stats.snapshot())
+        return self._on_loop(lambda server: server.snapshot())
 
     def reset(self) -> None:
         """Clear the statistics and the rate-limit budgets."""

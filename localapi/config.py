@@ -10,7 +10,7 @@ from typing import Any
 FAULT_KINDS = ("500", "timeout", "drop", "malformed", "429")
 FINETUNE_OUTCOMES = ("succeed", "fail", "forbidden")
 # Changing these would need a new listening socket, so they are fixed once the server runs.
-STARTUP_ONLY_FIELDS = frozenset({"host", "port"})
+STARTUP_ONLY_FIELDS = frozenset({"host", "port", "max_batch"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class ServerConfig:
     # disk, so a model tuned by an earlier run would otherwise be unknown after a restart.
     serve_unknown_tuned: bool = False
     seed: int = 0
+    # Real models: how many requests one model generates together (continuous batching).
+    max_batch: int = 32
 
     def __post_init__(self) -> None:
         for name in ("faults", "api_keys", "quota_exhausted_keys"):
@@ -59,6 +61,8 @@ class ServerConfig:
         for name in ("latency_ms", "latency_jitter_ms", "hang_seconds", "finetune_step_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         if self.burst_seconds <= 0:
             raise ValueError("burst_seconds must be positive")
 

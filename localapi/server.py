@@ -16,11 +16,14 @@ from aiohttp import web
 
 from . import tokens
 from .budget import RateLimiter, go_duration
+from gridtune.localmodel import LocalModelError, is_local_model
+
 from .chat import ChatRequest, Reply, parse_chat_request, reply_to
 from .config import ServerConfig
-from .errors import Handler, RequestError, error_response, not_found, read_json_object, server_error
+from .errors import Handler, RequestError, error_response, invalid_request, not_found, read_json_object, server_error
 from .files import FileStore
 from .finetune import FineTuning
+from .inference import GenerationRequest, ModelHost
 from .stats import ServerStats
 
 # In-flight requests (a long latency, a hanging "timeout" fault) get this long when the server stops.
@@ -63,6 +66,8 @@ class LocalAPIServer:
         self.limiter = RateLimiter(config.rpm, config.tpm, config.burst_seconds)
         self.files = FileStore()
         self.fine_tuning = FineTuning(self.files, lambda: self.config)
+        # Real models (an alias like smollm2-135m, a model folder, a LoRA adapter folder).
+        self.models = ModelHost(config.max_batch)
         self._fault_rng = random.Random(config.seed)
         self._runner: web.AppRunner | None = None
 
@@ -88,6 +93,7 @@ class LocalAPIServer:
 
     async def close(self) -> None:
         self.fine_tuning.close()
+        await asyncio.to_thread(self.models.close)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -163,7 +169,9 @@ class LocalAPIServer:
         try:
             key = self._authenticate(request)
             chat = parse_chat_request(await read_json_object(request))
-            if chat.tuned and not self._knows_tuned_model(chat.model):
+            if is_local_model(chat.model):
+                generator = await self._real_model(chat.model)
+            elif chat.tuned and not self._knows_tuned_model(chat.model):
                 raise RequestError(
                     not_found(
                         f"The model `{chat.model}` does not exist or you do not have access to it.",
@@ -183,7 +191,16 @@ class LocalAPIServer:
                 return self._fault(kind, request, key, chat)
             await asyncio.sleep(config.hang_seconds)  # the client's timeout fires first
 
-        reply = reply_to(chat, config.seed)
+        generation = None
+        if is_local_model(chat.model):
+            # The real model's answer and token counts replace the simulated ones.
+            try:
+                generation = await self._generate(generator, chat)
+            except RequestError as error:
+                return error.response
+            reply = Reply(generation.text, generation.finish_reason, generation.completion_tokens)
+        else:
+            reply = reply_to(chat, config.seed)
         # Like OpenAI's estimate: the prompt plus the most the reply may use (with no limit: what it uses).
         charged_tokens = chat.prompt_tokens + (chat.max_output_tokens or reply.completion_tokens)
         now = time.monotonic()
@@ -204,8 +221,38 @@ class LocalAPIServer:
             delay_ms = max(0.0, delay_ms + random.uniform(-config.latency_jitter_ms, config.latency_jitter_ms))
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
-        body = json.dumps(_completion_body(chat, reply))
+        body = json.dumps(_completion_body(chat, reply, generation.prompt_tokens if generation else None))
         return web.Response(text=body, content_type="application/json", headers=headers)
+
+    async def _real_model(self, name: str):
+        """The loaded generator for a local model name; a 404 naming the problem if it cannot load."""
+        try:
+            return await asyncio.to_thread(self.models.get, name)
+        except LocalModelError as error:
+            raise RequestError(not_found(str(error), code="model_not_found")) from None
+
+    async def _generate(self, generator, chat: ChatRequest):
+        """The real model's GenerationResult; RequestError (400) for a prompt longer than its context."""
+        sampling = chat.sampling
+        request = GenerationRequest(
+            messages=[{"role": m["role"], "content": tokens.content_text(m.get("content"))} for m in chat.messages],
+            max_tokens=chat.max_output_tokens,
+            temperature=sampling.get("temperature", 1.0),
+            top_p=sampling.get("top_p", 1.0),
+            frequency_penalty=sampling.get("frequency_penalty", 0.0),
+            presence_penalty=sampling.get("presence_penalty", 0.0),
+            seed=sampling.get("seed"),
+            stop=chat.stop,
+        )
+        try:
+            future = generator.submit(request)
+        except ValueError as error:
+            raise RequestError(invalid_request(str(error), param="messages", code="context_length_exceeded")) from None
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            generator.abandon(future)  # the client gave up: free its row in the batch
+            raise
 
     def _too_many_requests(
         self, message: str, kind: str, retry_in: float | None, headers: dict[str, str] | None
@@ -236,8 +283,12 @@ class LocalAPIServer:
 
     # --- everything else ---------------------------------------------------------------------
 
+    def snapshot(self) -> dict[str, Any]:
+        """Request counters, plus per real model its generator's (max_batch_seen shows batching)."""
+        return {**self.stats.snapshot(), "models": self.models.stats()}
+
     async def stats_endpoint(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stats.snapshot())
+        return web.json_response(self.snapshot())
 
     async def config_endpoint(self, request: web.Request) -> web.Response:
         if request.method == "POST":
@@ -261,7 +312,8 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
     response.headers["x-request-id"] = "req_" + os.urandom(16).hex()
 
 
-def _completion_body(chat: ChatRequest, reply: Reply) -> dict[str, Any]:
+def _completion_body(chat: ChatRequest, reply: Reply, prompt_tokens: int | None = None) -> dict[str, Any]:
+    prompt_tokens = chat.prompt_tokens if prompt_tokens is None else prompt_tokens
     return {
         "id": "chatcmpl-" + os.urandom(12).hex(),
         "object": "chat.completion",
@@ -276,9 +328,9 @@ def _completion_body(chat: ChatRequest, reply: Reply) -> dict[str, Any]:
             }
         ],
         "usage": {
-            "prompt_tokens": chat.prompt_tokens,
+            "prompt_tokens": prompt_tokens,
             "completion_tokens": reply.completion_tokens,
-            "total_tokens": chat.prompt_tokens + reply.completion_tokens,
+            "total_tokens": prompt_tokens + reply.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "completion_tokens_details": {
                 "reasoning_tokens": 0,

@@ -51,13 +51,39 @@ def _check_broker(app) -> None:
 
 
 @contextmanager
-def _embedded_runtime() -> Iterator[None]:
-    """Embedded mode: a local API server when there is no key, and an in-process worker."""
+def _embedded_runtime(local_model: str | None) -> Iterator[None]:
+    """Embedded mode: a local API server when there is no key (or the model is local), and an
+    in-process worker."""
     from worker.app import app
     from worker.embedded import in_process_worker, local_api_when_keyless
 
-    with local_api_when_keyless(), in_process_worker(app, get_settings().embedded_concurrency):
+    purpose = "generating" if local_model else "running"
+    with local_api_when_keyless(purpose, local_model), in_process_worker(app, get_settings().embedded_concurrency):
         yield
+
+
+def _default_config(settings, simulated: bool) -> str:
+    """The bundled config `sweep` runs without --config: the packaged local model when there is no
+    key (and no OPENAI_BASE_URL), else the tutorial's OpenAI models; --simulated keeps the latter
+    on the simulated local server."""
+    from gridtune.sweep import DEFAULT_CONFIG, LOCAL_CONFIG
+
+    if settings.openai_api_key or settings.openai_base_url or simulated:
+        return DEFAULT_CONFIG
+    return LOCAL_CONFIG
+
+
+def _check_local_models(config) -> str | None:
+    """Resolve (convert once) the sweep's local models before anything is stored; the generation
+    model's name when it is local."""
+    from gridtune.localmodel import check_config, is_local_model
+
+    def converting(alias: str) -> None:
+        print(f"converting the packaged model {alias} for transformers (once; about 20 s) into "
+              f"{get_settings().model_cache_dir}", file=sys.stderr, flush=True)
+
+    check_config(config, on_convert=converting)
+    return config.model.name if is_local_model(config.model.name) else None
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -67,12 +93,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from worker.app import app
 
     settings = get_settings()
-    config = load_config(args.config, max_requests=settings.max_requests)
+    bundled = _default_config(settings, args.simulated)
+    config = load_config(args.config, max_requests=settings.max_requests, bundled=bundled)
     name = args.name or config.name or (Path(args.config).stem if args.config else "superhero")
+    if args.config is None:
+        print(f"config: the bundled sweeps/{bundled}" + ("" if args.simulated or bundled != "superhero.toml" else
+              " (OPENAI_API_KEY or OPENAI_BASE_URL is set)"), file=sys.stderr, flush=True)
+    local_model = _check_local_models(config)
     engine = _engine()
     _check_broker(app)
     wait = args.wait or settings.embedded
-    with _embedded_runtime() if settings.embedded else ExitStack():
+    with _embedded_runtime(local_model) if settings.embedded else ExitStack():
         print(f"sweep {name}: {config.total_requests:,} requests "
               f"({config.combinations:,} combinations x {config.repeats} repeats)", file=sys.stderr, flush=True)
 
@@ -94,15 +125,43 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return 0
         snap = progress.follow(engine, name, timeout=args.timeout, as_json=args.json,
                                in_flight=_in_flight_counter(engine, name), on_tick=_stall_watch(engine, name))
+        # While the embedded local server still runs: one answer of the tuned model.
+        sample = _sample_tuned(engine, name) if settings.embedded and not args.json else None
     if args.json:
         progress.dump_json(snap)
     else:
         print(progress.describe(snap))
+        if sample:
+            print(sample)
     if not progress.is_finished(snap):
         print(f"gridtune: still running after {args.timeout}s; follow with `python -m producer status {name} --watch`",
               file=sys.stderr)
         return 1
     return 0 if snap["state"] != "failed" else 1
+
+
+def _sample_tuned(engine, name: str) -> str | None:
+    """Lines showing the tuned model's answer to the config's [ask] example and how to ask more;
+    None when the sweep has no tuned model."""
+    import shlex
+
+    from models import JobStatus, store
+    from producer.tuning import worker_context
+    from worker.finetune.ask import example_input, sample
+
+    sweep = store.get_sweep(engine, name)
+    job = store.latest_job(engine, sweep.id)
+    if job is None or job.status != JobStatus.SUCCEEDED:
+        return None
+    text = example_input(store.sweep_config(sweep))
+    try:
+        # A local adapter is served by a local server (this one's, when it already runs).
+        with worker_context(needs_api=True, local_model=job.fine_tuned_model if job.backend == "local" else None) as ctx:
+            answer = sample(ctx, sweep, job, text)
+    except UserError as exc:
+        answer = f"(could not ask it: {exc})"
+    return (f"\nthe tuned model, asked {text!r}:\n  {answer}\n"
+            f"ask it more: python -m producer ask {shlex.quote(name)} {shlex.quote(text)}")
 
 
 def _in_flight_counter(engine, name: str):
@@ -232,7 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sweep = commands.add_parser("sweep", help="create a sweep and enqueue its requests (re-run to resume)")
-    sweep.add_argument("--config", help="sweep config TOML (default: sweeps/superhero.toml)")
+    sweep.add_argument("--config", help="sweep config TOML (default: sweeps/superhero-local.toml without "
+                                        "OPENAI_API_KEY, else sweeps/superhero.toml)")
+    sweep.add_argument("--simulated", action="store_true",
+                       help="without a key: the tutorial's config on the fast SIMULATED server (seconds, filler text)")
     sweep.add_argument("--name", help="sweep name (default: the config's `name`)")
     sweep.add_argument("--wait", action="store_true", help="follow progress until the sweep ends (always, embedded)")
     sweep.add_argument("--timeout", type=float, default=None, help="with --wait: stop waiting after this many seconds")

@@ -110,15 +110,16 @@ def send_to_workers(engine, sweep, dataset_id: int, printer: EventPrinter, wait:
 
 
 @contextmanager
-def worker_context(needs_api: bool) -> Iterator[object]:
-    """A WorkerContext for this process; without a key, on a local API server (as embedded `sweep` does)."""
+def worker_context(needs_api: bool, local_model: str | None = None) -> Iterator[object]:
+    """A WorkerContext for this process; without a key (or for a `local_model`, e.g. an adapter
+    folder), on gridtune's local API server, as embedded `sweep` does."""
     from worker.context import WorkerContext
     from worker.embedded import local_api_when_keyless
 
     if not needs_api:
         yield WorkerContext(get_settings())
         return
-    with local_api_when_keyless("fine-tuning and asking"):
+    with local_api_when_keyless("fine-tuning and asking", local_model):
         yield WorkerContext(get_settings())
 
 
@@ -202,6 +203,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     engine = get_engine(settings.database_url)
     sweep = store.get_sweep(engine, args.name)
     job = finished_job(engine, sweep)
-    with worker_context(needs_api=job.backend == "openai") as ctx:
+    local_model = job.fine_tuned_model if job.backend == "local" else None
+    if local_model:
+        from gridtune.localmodel import check_adapter
+
+        check_adapter(local_model)
+    with worker_context(needs_api=True, local_model=local_model) as ctx:
         print(sample(ctx, sweep, job, args.text))
     return 0

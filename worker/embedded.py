@@ -59,36 +59,44 @@ def in_process_worker(app, concurrency: int) -> Iterator[object]:
         yield worker
 
 
-_LOCAL_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GRIDTUNE_FINETUNE_POLL_SECONDS")
+_LOCAL_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GRIDTUNE_FINETUNE_POLL_SECONDS", "GRIDTUNE_REQUEST_TIMEOUT")
+# A real model on a CPU answers a full batch in minutes, not seconds.
+LOCAL_MODEL_REQUEST_TIMEOUT = "900"
 
 
 @contextmanager
-def local_api_when_keyless(purpose: str = "running") -> Iterator[str | None]:
-    """With no OPENAI_API_KEY (and no OPENAI_BASE_URL), serve this process from the local server.
+def local_api_when_keyless(purpose: str = "running", local_model: str | None = None) -> Iterator[str | None]:
+    """Serve this process from gridtune's local server when there is no OPENAI_API_KEY, or always
+    when the model is a local one (`local_model`: an alias like smollm2-135m, a folder, an adapter).
 
     Says so loudly, points this process's settings at the server for the duration and restores
-    them afterwards. Yields the server's URL, or None when a real key is set.
+    them afterwards. Yields the server's URL, or None when the real API is used.
     """
     from worker.context import reset_context
     from worker.llm import LOCAL_PLACEHOLDER_KEY
 
     settings = get_settings()
-    if settings.openai_api_key:
+    if settings.openai_api_key and not local_model:
         yield None
         return
-    if settings.openai_base_url:
+    if settings.openai_base_url and not local_model:
         raise UserError(f"OPENAI_API_KEY is not set (needed for OPENAI_BASE_URL={settings.openai_base_url})")
     import localapi
 
     saved = {name: os.environ.get(name) for name in _LOCAL_ENV}
-    with localapi.running(serve_unknown_tuned=True) as server:
+    with localapi.running(serve_unknown_tuned=True, max_batch=settings.embedded_concurrency) as server:
         os.environ.update(OPENAI_API_KEY=LOCAL_PLACEHOLDER_KEY, OPENAI_BASE_URL=server.base_url)
         os.environ.setdefault("GRIDTUNE_FINETUNE_POLL_SECONDS", "0.5")  # its jobs take seconds
+        if local_model:
+            os.environ.setdefault("GRIDTUNE_REQUEST_TIMEOUT", LOCAL_MODEL_REQUEST_TIMEOUT)
+            print(f"*** {purpose} with the local model {local_model} on this machine, through gridtune's local "
+                  f"OpenAI-compatible server at {server.base_url}. ***", file=sys.stderr, flush=True)
+        else:
+            print(f"*** No OPENAI_API_KEY: {purpose} against gridtune's LOCAL OpenAI-compatible server at "
+                  f"{server.base_url}. Its answers and models are SIMULATED. Set OPENAI_API_KEY for real ones, "
+                  f"or use a local model (model.name = \"smollm2-135m\"). ***", file=sys.stderr, flush=True)
         reset_settings()
         reset_context()
-        print(f"*** No OPENAI_API_KEY: {purpose} against gridtune's LOCAL OpenAI-compatible server at "
-              f"{server.base_url}. Its answers and models are synthetic. Set OPENAI_API_KEY for real ones. ***",
-              file=sys.stderr, flush=True)
         try:
             yield server.base_url
         finally:

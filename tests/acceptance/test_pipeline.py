@@ -107,15 +107,17 @@ def test_resume_enqueues_only_missing(redis_db, postgres_db, local_api, start_wo
 
 
 def test_embedded_default_sweep(tmp_path):
-    """`python -m producer sweep` with no broker and no key: local server, in-process worker,
-    SQLite; a validated train.jsonl; then a different config under the same name exits 2."""
+    """`python -m producer sweep --simulated` with no broker and no key: the simulated local
+    server, in-process worker, SQLite; a validated train.jsonl; then a different config under the
+    same name exits 2."""
     from worker.dataset import validate_example
 
     env = clean_env(GRIDTUNE_FINETUNE_POLL_SECONDS="0.5")
-    done = run_producer(["sweep"], env, tmp_path, timeout=180)
+    done = run_producer(["sweep", "--simulated"], env, tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
-    assert "LOCAL OpenAI-compatible server" in done.stderr
+    assert "the bundled sweeps/superhero.toml" in done.stderr
+    assert "Its answers and models are SIMULATED" in done.stderr
     train = tmp_path / "gridtune-data" / "superhero" / "train.jsonl"
     lines = train.read_text(encoding="utf-8").splitlines()
     assert len(lines) >= 10

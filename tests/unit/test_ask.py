@@ -139,4 +139,15 @@ def test_ask_a_local_adapter_without_the_extra(ctx, capsys, monkeypatch):
     # peft, not torch: hiding torch would make transformers remember "no torch" for later tests.
     monkeypatch.setitem(sys.modules, "peft", None)
     assert main(["ask", "heroes", QUESTION]) == 2
-    assert "the local backend needs `pip install gridtune[local]`" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert 'local models need the `local` extra: pip install "gridtune[local]"; missing: peft' in err
+
+
+def test_ask_a_local_adapter_that_is_gone(ctx, capsys, tmp_path):
+    sweep, dataset_id = make_sweep(ctx, config=sweep_config(finetune={"backend": "local"}))
+    job = store.create_job(ctx.engine, sweep.id, dataset_id, "local", "smollm2-135m")
+    store.set_status(ctx.engine, job.id, JobStatus.SUCCEEDED, fine_tuned_model=str(tmp_path / "adapter"))
+    assert main(["ask", "heroes", QUESTION]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"local model {tmp_path / 'adapter'}: no such folder" in err

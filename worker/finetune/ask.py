@@ -49,13 +49,23 @@ def finished_job(engine, sweep: Sweep) -> FinetuneJob:
                     "follow it with `python -m producer jobs`")
 
 
+def example_input(config: SweepConfig) -> str:
+    """What to ask a sweep's tuned model for a first look: [ask] example, else request 0's input."""
+    if config.ask.example:
+        return config.ask.example
+    from gridtune.sweep import request_at
+
+    return request_at(config, 0).input_text
+
+
 def sample(ctx, sweep: Sweep, job: FinetuneJob, text: str) -> str:
-    """The tuned model's reply to `text` (job: from finished_job); UserError when it cannot answer."""
+    """The tuned model's reply to `text` (job: from finished_job); UserError when it cannot answer.
+
+    Remote models and local adapters alike go through the chat completions API: an adapter's
+    folder is a model name gridtune's local server loads (see localapi/inference.py).
+    """
     config = store.sweep_config(sweep)
-    messages = ask_messages(config, text)
-    if job.backend == "local":
-        return _ask_local(job, config, messages)
-    return _ask_remote(ctx, job.fine_tuned_model, config, messages)
+    return _ask_remote(ctx, job.fine_tuned_model, config, ask_messages(config, text))
 
 
 def _ask_remote(ctx, model: str, config: SweepConfig, messages: list[dict[str, str]]) -> str:
@@ -72,14 +82,3 @@ def _ask_remote(ctx, model: str, config: SweepConfig, messages: list[dict[str, s
     except openai.OpenAIError as exc:
         raise UserError(redact(f"asking {model}: {classify(exc).message}", ctx.settings)) from None
     return (response.choices[0].message.content or "").strip()
-
-
-def _ask_local(job: FinetuneJob, config: SweepConfig, messages: list[dict[str, str]]) -> str:
-    from worker.finetune import local_backend
-
-    try:
-        return local_backend.generate(job.fine_tuned_model, job.base_model, messages, config.ask, stop_word(config))
-    except local_backend.MissingExtra as exc:
-        raise UserError(str(exc)) from None
-    except OSError as exc:
-        raise UserError(f"cannot load the adapter of job {job.id}: {exc}") from None
