@@ -19,6 +19,7 @@ from gridtune.localmodel import resolve
 from localapi.chat import parse_chat_request, reply_to
 from tests.support import ROOT
 
+pytestmark = pytest.mark.timeout(900)  # seconds on a quiet CPU; minutes on a shared one
 MODEL = "smollm2-135m"
 HTTP = httpx2.Client(timeout=300)
 PROMPT = "Describe a 40-year-old woman who can fly, in two sentences."
