@@ -138,7 +138,11 @@ def _converted(alias: str, model: PackagedModel, cache_dir: Path) -> Path:
             return target  # converted by another process while we waited
         staging = cache_dir / f".{alias}.{os.getpid()}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        _convert_gguf(gguf, staging)
+        try:
+            _convert_gguf(gguf, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target
