@@ -97,8 +97,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = load_config(args.config, max_requests=settings.max_requests, bundled=bundled)
     name = args.name or config.name or (Path(args.config).stem if args.config else "superhero")
     if args.config is None:
-        print(f"config: the bundled sweeps/{bundled}" + ("" if args.simulated or bundled != "superhero.toml" else
-              " (OPENAI_API_KEY or OPENAI_BASE_URL is set)"), file=sys.stderr, flush=True)
+        print(f"config: the bundled sweeps/{bundled}", file=sys.stderr, flush=True)
     local_model = _check_local_models(config)
     engine = _engine()
     _check_broker(app)
