@@ -52,6 +52,8 @@ class ModelSettings(_Section):
     # The provider's limits for this model; unset = learnt from x-ratelimit-* headers.
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
+    # Up to 4 sequences that end an answer (not included in it); the answer counts as whole.
+    stop: list[str] | None = Field(None, min_length=1, max_length=4)
 
 
 class DatasetSettings(_Section):

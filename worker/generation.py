@@ -48,7 +48,7 @@ def build_messages(config: SweepConfig, prompt: str) -> list[dict[str, str]]:
 def request_params(config: SweepConfig, messages: list[dict[str, str]]) -> dict[str, Any]:
     model = config.model
     params: dict[str, Any] = {"model": model.name, "messages": messages, model.token_param: model.max_output_tokens}
-    for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed"):
+    for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed", "stop"):
         if (value := getattr(model, name)) is not None:
             params[name] = value
     return params

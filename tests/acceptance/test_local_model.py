@@ -2,8 +2,8 @@
 on them lowers validation loss, and the tuned adapter answers through the same API (`ask`).
 
 The README's first command does the same with the full 294-request grid (minutes; measured in
-docs/benchmarks.md); here a 12-request grid, short replies and a few training steps keep it to
-about a minute on a 2-core CPU.
+docs/benchmarks.md); here a 15-request grid, short replies and a few training steps keep it to
+about two minutes on a quiet 2-core CPU.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ pytestmark = pytest.mark.timeout(1200)
 
 CONFIG = """
 name = "tiny-local"
-repeats = 2
+repeats = 1
 [dimensions]
-age = [18, 40, 90]
-power = ["flight", "telepathy"]
+age = [18, 30, 40, 60, 90]
+power = ["flight", "telepathy", "invisibility"]
 [templates]
-prompt = "Describe a {age}-year-old hero with the superpower of {power} in one sentence."
+prompt = "Invent a name for a {age}-year-old hero whose superpower is {power}. Answer with the name only."
 input = "{age}, {power}"
 [model]
 name = "smollm2-135m"
+temperature = 0            # greedy: short, complete answers and a deterministic split
 max_output_tokens = 32
 token_param = "max_tokens"
 [dataset]
@@ -63,10 +64,9 @@ def test_local_model_sweep_finetune_and_ask(tmp_path):
         rows = conn.execute(text("SELECT state, response_text, completion_tokens FROM generations")).all()
         job = conn.execute(text("SELECT * FROM finetune_jobs")).mappings().one()
     engine.dispose()
-    assert len(rows) == 12 and {r.state for r in rows} == {"ok"}
-    # Real text: the simulated server's filler always names the request's values this way.
+    assert len(rows) == 15 and {r.state for r in rows} == {"ok"}
     assert all(r.response_text.strip() and 0 < r.completion_tokens <= 32 for r in rows)
-    assert len({r.response_text for r in rows}) > 6
+    assert len({r.response_text for r in rows}) > 10  # real answers differ (the filler repeats a template)
     assert job["status"] == "succeeded", dict(job)
     assert job["validation_loss_after"] < job["validation_loss_before"]
     adapter = tmp_path / "gridtune-data" / "tiny-local" / "adapter"

@@ -168,3 +168,18 @@ def test_classify_sorts_real_sdk_errors():
     assert llm.classify(openai.APITimeoutError(httpx2.Request("POST", "http://x"))).kind == "timeout"
     assert llm.retry_after_seconds({}, "Please try again in 6.596s.") == 6.596
     assert llm.retry_after_seconds({"retry-after": "2"}) == 2.0
+
+
+def test_configured_stop_sequences_end_the_answer(tmp_path):
+    """[model] stop reaches the server: the answer ends before the sequence and counts as whole."""
+    with localapi.running() as server:
+        ctx = make_context(tmp_path, server)
+        plain = new_sweep(ctx, "plain")
+        run_request(ctx, plain.id, 0)
+        text = rows(ctx, plain)[0].response_text
+        cut = text.split()[3]  # a word from the middle of the simulated description
+        stopped = new_sweep(ctx, "stopped", CONFIG.replace("max_output_tokens = 200",
+                                                           f"max_output_tokens = 200\nstop = [{cut!r}]"))
+        run_request(ctx, stopped.id, 0)
+        row = rows(ctx, stopped)[0]
+        assert row.response_text == text[: text.index(cut)] and row.finish_reason == "stop"
