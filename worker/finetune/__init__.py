@@ -2,8 +2,8 @@
 
 The Celery tasks call these three functions and schedule the Step they return. None of them
 raises for an API or training failure: the job row says what happened, and the sweep ends DONE.
-Backends: `openai` (any provider with OpenAI's fine-tuning API), `local` (LoRA with
-transformers + peft, the optional `local` extra) and `none` (stop at the dataset).
+Backends: `openai` (any provider with OpenAI's fine-tuning API), `local` (LoRA with TRL's
+SFTTrainer + peft, the optional `local` extra) and `none` (stop at the dataset).
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ def poll(ctx, job_id: int) -> Step:
 
 
 def train_local(ctx, job_id: int, on_event=None) -> None:
-    """LoRA training on this machine; `on_event(message)` is told of each stored progress event."""
+    """LoRA training on this machine; `on_event(message)` is told of each stored progress event.
+
+    The job row ends succeeded (adapter path, train loss, validation loss before/after) or failed
+    with a one-line reason; see worker.finetune.local_backend.train.
+    """
     from worker.finetune import local_backend
 
     local_backend.train(ctx, job_id, on_event)

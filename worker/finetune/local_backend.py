@@ -1,13 +1,19 @@
-"""Supervised LoRA fine-tuning on this machine (transformers + peft), and sampling the adapter.
+"""Supervised LoRA fine-tuning on this machine (TRL's SFTTrainer + peft), and sampling the adapter.
 
-torch, transformers and peft are the optional `local` extra: they are imported inside these
-functions only, so the rest of gridtune runs without them. The training loop is plain PyTorch:
-chat examples become text through the tokenizer's chat template (or a simple "role: text"
-format), the loss covers the assistant's reply only, and every logged step is a FinetuneEvent.
+Who does what: `gridtune.localmodel` turns the configured base model (an alias such as
+`smollm2-135m`, or a folder) into a Hugging Face folder; `datasets` holds the JSONL examples in
+memory; TRL's SFTTrainer tokenizes them with the tokenizer's chat template, masks the prompt so
+the loss covers the assistant's reply only, and runs the transformers Trainer loop; peft's LoRA
+is what it trains. gridtune keeps the job row: the plan, step/loss events, heartbeats, the
+validation loss before and after, and the adapter folder.
+
+torch, transformers, peft, trl and datasets are the optional `local` extra: they are imported
+inside these functions only, so the rest of gridtune runs without them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -17,93 +23,98 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from gridtune import localmodel
+from gridtune.localmodel import LocalModelError
 from gridtune.sweep import AskSettings, FinetuneSettings
 from models import JobStatus, store
 
 log = logging.getLogger(__name__)
 
-MISSING_EXTRA = "the local backend needs `pip install gridtune[local]` (torch, transformers, peft)"
+EXTRA_MODULES = ("torch", "transformers", "peft", "trl", "datasets")
 LOCAL_AUTO_EPOCHS = 3
 LOCAL_AUTO_BATCH = 8
 HEARTBEAT_SECONDS = 30.0
 # A running job whose trainer has been silent this long is taken as dead and may be trained again.
 STALE_AFTER_SECONDS = 600.0
 MAX_LOGGED_STEPS = 200
-IGNORE_INDEX = -100  # labels the loss skips: the prompt and the padding
+EVAL_BATCH = 8
 
 
-class MissingExtra(Exception):
-    pass
+class MissingExtra(LocalModelError):
+    """The `local` extra (torch, transformers, peft, trl, datasets) is not installed (exit 2)."""
+
+
+def _missing(name: str) -> MissingExtra:
+    return MissingExtra(f"{localmodel.MISSING_EXTRA}; missing: {name}")
 
 
 def _training_stack():
     try:
+        import datasets
         import peft
         import torch
         import transformers
+        import trl
     except ImportError as exc:
-        raise MissingExtra(f"{MISSING_EXTRA}; missing: {exc.name}") from None
+        raise _missing(exc.name) from None
     transformers.utils.logging.disable_progress_bar()  # progress is in the job's events, not on stderr
-    return torch, transformers, peft
+    datasets.disable_progress_bars()
+    return torch, transformers, peft, trl, datasets
+
+
+def check_ready(base_model: str, cache_dir: Path | None = None) -> None:
+    """Cheap checks before training here: the extra is installed and `base_model` can be found.
+
+    Imports nothing heavy and converts nothing. Raises MissingExtra or LocalModelError (one line).
+    """
+    for name in EXTRA_MODULES:
+        if importlib.util.find_spec(name) is None:
+            raise _missing(name)
+    if localmodel.is_alias(base_model):
+        if cache_dir is None:
+            from gridtune.settings import get_settings
+
+            cache_dir = get_settings().model_cache_dir
+        if not (Path(cache_dir).expanduser() / base_model / "config.json").is_file():
+            localmodel.packaged_file(localmodel.ALIASES[base_model])  # converted on first use, if present
+    else:
+        _base_folder(base_model, cache_dir)
 
 
 def _device(torch) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# --- text -----------------------------------------------------------------------------------
+# --- examples -------------------------------------------------------------------------------
 def _render_simple(messages: list[dict[str, str]]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
-def prompt_and_reply(tokenizer, messages: list[dict[str, str]]) -> tuple[str, str]:
-    """(prompt text up to the assistant's turn, the assistant's reply as the model should write it)."""
-    history, reply = messages[:-1], messages[-1]["content"]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if full.startswith(prompt):
-            return prompt, full[len(prompt):]
-        return "", full  # a template that does not extend its own prompt: train on the whole text
-    return _render_simple(history) + "assistant:", " " + reply
+def prompt_completion(messages: list[dict[str, str]], chat_template: bool) -> dict[str, Any]:
+    """One chat example as TRL's prompt-completion record; TRL then masks the prompt out of the loss.
+
+    With a chat template: conversational, {"prompt": [messages before the reply], "completion":
+    [the assistant's reply]}; the template renders both and closes the turn. Without one (a bare
+    language model): plain text in a simple "role: text" format, and TRL appends EOS to the
+    completion so the model learns where a description ends.
+    """
+    history, reply = messages[:-1], messages[-1]
+    if chat_template:
+        return {"prompt": history, "completion": [reply]}
+    return {"prompt": _render_simple(history) + "assistant:", "completion": " " + reply["content"]}
 
 
-def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the prompt that asks for the next assistant reply (for sampling)."""
-    prompt, _ = prompt_and_reply(tokenizer, [*messages, {"role": "assistant", "content": ""}])
-    return _ids(tokenizer, prompt, first=True)
-
-
-def _ids(tokenizer, text: str, first: bool) -> list[int]:
-    # A chat template writes its own special tokens; the simple format gets the tokenizer's BOS.
-    add_special = first and not getattr(tokenizer, "chat_template", None)
-    return tokenizer(text, add_special_tokens=add_special)["input_ids"] if text else []
-
-
-def encode_example(tokenizer, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels): the prompt's labels are IGNORE_INDEX so only the reply is learnt."""
-    prompt, reply = prompt_and_reply(tokenizer, messages)
-    prompt_ids = _ids(tokenizer, prompt, first=True)
-    reply_ids = _ids(tokenizer, reply, first=not prompt_ids)
-    if tokenizer.eos_token_id is not None and not getattr(tokenizer, "chat_template", None):
-        reply_ids.append(tokenizer.eos_token_id)  # teaches the model where a description ends
-    ids = (prompt_ids + reply_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + reply_ids)[:max_length]
-    return ids, labels
-
-
-def _encode_file(tokenizer, path: str, max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(the encoded examples that keep part of their reply within max_length, how many did not)."""
+def read_examples(path: str, chat_template: bool) -> list[dict[str, Any]]:
+    """The training (or validation) JSONL file as prompt-completion records."""
     with open(path, encoding="utf-8") as lines:
-        examples = [json.loads(line)["messages"] for line in lines if line.strip()]
-    encoded = [encode_example(tokenizer, messages, max_length) for messages in examples]
-    usable = [pair for pair in encoded if any(label != IGNORE_INDEX for label in pair[1])]
-    return usable, len(encoded) - len(usable)
+        return [prompt_completion(json.loads(line)["messages"], chat_template) for line in lines if line.strip()]
 
 
 # --- training -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
+    """How long to train: epochs, examples per step and optimizer steps in all."""
+
     epochs: int
     batch_size: int
     total_steps: int
@@ -121,32 +132,14 @@ class Plan:
         return cls(epochs, batch_size, total)
 
 
-def _batches(torch, encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, generator):
-    """Shuffled, right-padded batches of (input_ids, attention_mask, labels)."""
-    order = torch.randperm(len(encoded), generator=generator).tolist()
-    for start in range(0, len(order), batch_size):
-        chunk = [encoded[i] for i in order[start:start + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in chunk])
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
-        labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in chunk])
-        yield input_ids, mask, labels
+@dataclass
+class Outcome:
+    """What a finished run reports; losses are mean token cross-entropy (nats) over reply tokens."""
 
-
-def _load_base(transformers, torch, base_model: str, device: str):
-    if base_model.startswith(("/", "./", "../", "~")) and not Path(base_model).expanduser().is_dir():
-        raise FileNotFoundError(f"the base model directory {base_model} does not exist")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base_model)
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(device)
-    return tokenizer, model
-
-
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0  # any id: padded positions are masked out of attention and loss
+    trained_tokens: int | None = None
+    train_loss: float | None = None
+    validation_loss_before: float | None = None
+    validation_loss_after: float | None = None
 
 
 def train(ctx, job_id: int, on_event: Callable[[str], None] | None = None) -> None:
@@ -169,7 +162,7 @@ def train(ctx, job_id: int, on_event: Callable[[str], None] | None = None) -> No
             on_event(message)
 
     try:
-        trained_tokens = _train(ctx, job_id, settings, dataset, adapter_dir, event)
+        outcome = _train(ctx, job_id, settings, dataset, adapter_dir, event)
     except Exception as exc:  # noqa: BLE001 - any failure is the job's, reported on its row
         store.set_status(engine, job_id, JobStatus.FAILED, error_code=type(exc).__name__,
                          error_message=_failure_reason(exc))
@@ -179,85 +172,157 @@ def train(ctx, job_id: int, on_event: Callable[[str], None] | None = None) -> No
                          error_message="training was interrupted")
         raise
     store.set_status(engine, job_id, JobStatus.SUCCEEDED, f"adapter saved to {adapter_dir}",
-                     fine_tuned_model=str(adapter_dir), trained_tokens=trained_tokens)
+                     fine_tuned_model=str(adapter_dir), trained_tokens=outcome.trained_tokens,
+                     train_loss=outcome.train_loss, validation_loss_before=outcome.validation_loss_before,
+                     validation_loss_after=outcome.validation_loss_after)
 
 
 def _failure_reason(exc: Exception) -> str:
-    if isinstance(exc, MissingExtra):
-        return str(exc)
+    if isinstance(exc, LocalModelError):
+        return str(exc)  # already one line that says what to install or fix
     if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
         return "out of memory: lower finetune.batch_size or finetune.max_seq_length, or use a smaller base model"
     first_line = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
 
 
-def _train(ctx, job_id: int, settings: FinetuneSettings, dataset, adapter_dir: Path, event) -> int:
-    """The training run itself; returns the number of tokens trained on."""
-    torch, transformers, peft = _training_stack()
-    engine = ctx.engine
+def _base_folder(base_model: str, cache_dir: Path | None) -> Path:
+    """The Hugging Face folder of `base_model` (an alias or a path); LocalModelError if there is none."""
+    folder = localmodel.resolve(base_model, cache_dir)
+    if localmodel.is_adapter(folder):
+        raise LocalModelError(f"the base model {base_model} is a LoRA adapter: name its base model instead")
+    return folder
+
+
+def _load_base(transformers, torch, folder: Path, device: str):
+    """(tokenizer, model) of a base folder; bf16 on a GPU that has it, else fp32."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    return tokenizer, model
+
+
+def _train(ctx, job_id: int, settings: FinetuneSettings, dataset, adapter_dir: Path, event) -> Outcome:
+    """The training run itself: evaluate, train, evaluate, save the adapter."""
+    folder = _base_folder(settings.base_model, ctx.settings.model_cache_dir)  # fails fast, before heavy imports
+    torch, transformers, peft, trl, datasets = _training_stack()
     device = _device(torch)
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)
-    tokenizer, model = _load_base(transformers, torch, settings.base_model, device)
-    usable, skipped = _encode_file(tokenizer, dataset.train_path, settings.max_seq_length)
+    tokenizer, model = _load_base(transformers, torch, folder, device)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    train_records = read_examples(dataset.train_path, has_template)
+    validation_records = read_examples(dataset.validation_path, has_template) if dataset.validation_path else []
+    work_dir = adapter_dir.with_name(adapter_dir.name + ".trainer")  # Trainer's output_dir; nothing is kept
+    seed = settings.seed if settings.seed is not None else 0
+    args = trl.SFTConfig(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=Plan.of(settings, len(train_records)).batch_size,
+        per_device_eval_batch_size=EVAL_BATCH,
+        learning_rate=settings.learning_rate,
+        max_length=settings.max_seq_length,
+        completion_only_loss=True,
+        seed=seed,
+        data_seed=seed,
+        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+        # Activations of a small model fit anywhere; recomputing them only costs time. On a GPU
+        # (large models) TRL's default stays: checkpointing on.
+        activation_checkpointing=device == "cuda",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_strategy="steps",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+    )
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                           lora_dropout=settings.lora_dropout, target_modules="all-linear")
+    progress = _progress_callback(transformers, ctx.engine, job_id, event)
+    trainer = trl.SFTTrainer(
+        model=model, args=args, processing_class=tokenizer, peft_config=lora, callbacks=[progress],
+        train_dataset=datasets.Dataset.from_list(train_records),
+        eval_dataset=datasets.Dataset.from_list(validation_records) if validation_records else None,
+    )
+    trainer.remove_callback(transformers.PrinterCallback)  # it prints every log dict on stdout
+    usable = len(trainer.train_dataset)
     if not usable:
         raise ValueError(f"no example has room for its reply within max_seq_length = {settings.max_seq_length}")
-    if skipped:
+    if skipped := len(train_records) - usable:
         event(f"{skipped} examples skipped: the prompt fills max_seq_length")
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        task_type="CAUSAL_LM", r=settings.lora_r, lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout, target_modules="all-linear",
-    ))
-    plan = Plan.of(settings, len(usable))
-    total = plan.total_steps
-    log_every = max(1, total // MAX_LOGGED_STEPS)
-    event(f"training {settings.base_model} on {device}: {len(usable)} examples, {plan.epochs} epochs, "
-          f"batch {plan.batch_size}, {total} steps, LoRA r={settings.lora_r}",
-          type="plan", device=device, steps=total, epochs=plan.epochs, batch_size=plan.batch_size)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
-    generator = torch.Generator().manual_seed(settings.seed or 0)
-    pad_id = _pad_id(tokenizer)
-    model.train()
-    step = trained_tokens = 0
-    last_beat = time.monotonic()
-    for epoch in range(1, plan.epochs + 1):
-        for input_ids, mask, labels in _batches(torch, usable, plan.batch_size, pad_id, generator):
-            if step == total:
-                break
-            loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-            step += 1
-            trained_tokens += int(mask.sum())
-            if step % log_every == 0 or step == total:
-                event(f"step {step}/{total}: loss {loss.item():.4f}",
-                      type="metrics", step=step, epoch=epoch, loss=round(loss.item(), 6))
-            if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
-                store.heartbeat(engine, job_id)
-                last_beat = time.monotonic()
-    if dataset.validation_path:
-        validation_loss = _evaluate(torch, model, tokenizer, dataset.validation_path, settings, pad_id, device)
-        if validation_loss is not None:
-            event(f"validation loss {validation_loss:.4f}", type="metrics", step=step, validation_loss=validation_loss)
-    _save(model, tokenizer, adapter_dir)
-    return trained_tokens
+    # TRL dropped the examples whose prompt fills max_seq_length: plan on the ones left. The
+    # Trainer reads max_steps and logging_steps when train() starts.
+    plan = Plan.of(settings, usable)
+    trainer.args.max_steps = plan.total_steps
+    trainer.args.logging_steps = max(1, plan.total_steps // MAX_LOGGED_STEPS)
+    progress.total = plan.total_steps
+    event(f"training {settings.base_model} on {device} with TRL SFTTrainer: {usable} examples, {plan.epochs} "
+          f"epochs, batch {plan.batch_size}, {plan.total_steps} steps, LoRA r={settings.lora_r}",
+          type="plan", device=device, steps=plan.total_steps, epochs=plan.epochs, batch_size=plan.batch_size)
+
+    outcome = Outcome()
+    if trainer.eval_dataset is not None and len(trainer.eval_dataset):
+        # LoRA's B matrices start at zero: this is the base model's own loss.
+        outcome.validation_loss_before = _validation_loss(trainer)
+        event(f"validation loss before training {outcome.validation_loss_before:.4f}", type="metrics",
+              step=0, validation_loss=outcome.validation_loss_before)
+    started = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - started
+    outcome.train_loss = progress.last_loss
+    outcome.trained_tokens = progress.num_tokens
+    event(f"trained {plan.total_steps} steps in {seconds:.1f}s ({seconds / plan.total_steps:.2f}s/step)",
+          type="timing", seconds=round(seconds, 3), steps=plan.total_steps)
+    if outcome.validation_loss_before is not None:
+        outcome.validation_loss_after = _validation_loss(trainer)
+        event(f"validation loss after training {outcome.validation_loss_after:.4f} "
+              f"(before {outcome.validation_loss_before:.4f})", type="metrics", step=plan.total_steps,
+              validation_loss=outcome.validation_loss_after)
+    _save(trainer.model, tokenizer, adapter_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return outcome
 
 
-def _evaluate(torch, model, tokenizer, path: str, settings: FinetuneSettings, pad_id: int, device: str) -> float | None:
-    """Mean loss over the validation examples (None if none has a reply within max_seq_length)."""
-    encoded, _ = _encode_file(tokenizer, path, settings.max_seq_length)
-    if not encoded:
-        return None
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for input_ids, mask, labels in _batches(torch, encoded, 8, pad_id, torch.Generator().manual_seed(0)):
-            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
-            losses.append(out.loss.item())
-    model.train()
-    return round(sum(losses) / len(losses), 6)
+def _validation_loss(trainer) -> float:
+    return round(float(trainer.evaluate()["eval_loss"]), 6)
+
+
+def _progress_callback(transformers, engine, job_id: int, event):
+    """A TrainerCallback (a class built here: transformers is imported only when training)."""
+
+    class ProgressCallback(transformers.TrainerCallback):
+        """Stores each logged step as a job event and keeps the job's heartbeat going."""
+
+        def __init__(self, engine, job_id: int, event):
+            self.engine, self.job_id, self.event = engine, job_id, event
+            self.total = 0
+            self.last_loss: float | None = None
+            self.num_tokens: int | None = None
+            self.last_beat = time.monotonic()
+
+        def _beat(self) -> None:
+            if time.monotonic() - self.last_beat > HEARTBEAT_SECONDS:
+                store.heartbeat(self.engine, self.job_id)
+                self.last_beat = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the last step is always an event, whatever logging_steps
+            self._beat()
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            self._beat()  # a long validation set is no sign of a dead trainer
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return  # evaluation and the end-of-training summary are reported by _train
+            loss = round(float(logs["loss"]), 6)
+            self.last_loss = loss
+            if "num_tokens" in logs:
+                self.num_tokens = int(logs["num_tokens"])
+            step = state.global_step
+            self.event(f"step {step}/{self.total}: loss {loss:.4f}", type="metrics", step=step,
+                       epoch=math.ceil(state.epoch or 1), loss=loss)
+
+    return ProgressCallback(engine, job_id, event)
 
 
 def _save(model, tokenizer, adapter_dir: Path) -> None:
@@ -271,25 +336,34 @@ def _save(model, tokenizer, adapter_dir: Path) -> None:
 
 
 # --- sampling -------------------------------------------------------------------------------
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the prompt that asks for the next assistant reply, rendered as training did."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return tokenizer(_render_simple(messages) + "assistant:")["input_ids"]
+
+
 def generate(adapter_dir: str, base_model: str, messages: list[dict[str, str]], ask: AskSettings,
              stop: str | None = None) -> str:
-    """The adapter's reply to `messages` (raises MissingExtra without the `local` extra)."""
-    torch, transformers, peft = _training_stack()
+    """The adapter's reply to `messages` (raises MissingExtra / LocalModelError, both one line)."""
+    torch, transformers, peft, _, _ = _training_stack()
     device = _device(torch)
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"the adapter directory {adapter_dir} is gone")
-    _, base = _load_base(transformers, torch, base_model, device)
+    _, base = _load_base(transformers, torch, _base_folder(base_model, None), device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir)
     model = peft.PeftModel.from_pretrained(base, adapter_dir).to(device)
     model.eval()
-    prompt = encode_prompt(tokenizer, messages)
+    prompt = prompt_ids(tokenizer, messages)
     sampling = {"do_sample": True, "temperature": ask.temperature} if ask.temperature > 0 else {"do_sample": False}
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     with torch.no_grad():
         output = model.generate(
             input_ids=torch.tensor([prompt], device=device),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
             max_new_tokens=ask.max_output_tokens,
-            pad_token_id=_pad_id(tokenizer),
+            pad_token_id=pad_id,
             **sampling,
         )
     text = tokenizer.decode(output[0][len(prompt):], skip_special_tokens=True)
