@@ -47,7 +47,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UserError(f"sweep {sweep.name} has no dataset yet (state {sweep.state})")
     printer = EventPrinter(engine)
     if settings.embedded:
-        backend = store.sweep_config(sweep).finetune.backend
+        finetune_settings = store.sweep_config(sweep).finetune
+        backend = finetune_settings.backend
+        if backend == "local":
+            # Training runs in this process: a missing extra or model is the user's to fix (exit 2).
+            from worker.finetune.local_backend import check_ready
+
+            check_ready(finetune_settings.base_model, settings.model_cache_dir)
         with worker_context(needs_api=backend == "openai") as ctx:
             job = run_in_process(ctx, sweep.id, dataset.id, printer, args.timeout)
     else:
@@ -143,10 +149,22 @@ class EventPrinter:
         return lambda _message: self.show(job_id)
 
 
+def describe_losses(job: FinetuneJob) -> str | None:
+    """ "train loss 0.27, validation loss 4.36 -> 0.35" from what the job stored; None if nothing."""
+    parts = []
+    if job.train_loss is not None:
+        parts.append(f"train loss {job.train_loss:.4f}")
+    if job.validation_loss_before is not None and job.validation_loss_after is not None:
+        parts.append(f"validation loss {job.validation_loss_before:.4f} -> {job.validation_loss_after:.4f}")
+    return ", ".join(parts) or None
+
+
 def describe_outcome(job: FinetuneJob, sweep_name: str) -> str:
     if job.status == JobStatus.SUCCEEDED:
         what = "adapter" if job.backend == "local" else "model"
-        return (f"fine-tune job {job.id} succeeded: {what} {job.fine_tuned_model}\n"
+        losses = describe_losses(job)
+        return (f"fine-tune job {job.id} succeeded: {what} {job.fine_tuned_model}"
+                + (f" ({losses})" if losses else "") + "\n"
                 f'try it: python -m producer ask {shlex.quote(sweep_name)} "..."')
     if job.status == JobStatus.SKIPPED:
         return f'fine-tune job {job.id} skipped (backend = "none"): the dataset is the result'
@@ -166,6 +184,9 @@ def job_record(job: FinetuneJob, sweep_name: str) -> dict:
         "provider_job_id": job.provider_job_id,
         "fine_tuned_model": job.fine_tuned_model,
         "trained_tokens": job.trained_tokens,
+        "train_loss": job.train_loss,
+        "validation_loss_before": job.validation_loss_before,
+        "validation_loss_after": job.validation_loss_after,
         "estimated_tokens": job.estimated_tokens,
         "estimated_cost_usd": job.estimated_cost_usd,
         "error_code": job.error_code,
@@ -190,6 +211,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         cost = f"${job.estimated_cost_usd:,.2f}" if job.estimated_cost_usd is not None else "-"
         where = " ".join(filter(None, [job.provider_job_id, job.fine_tuned_model])) or "-"
         print(JOBS_ROW.format(job.id, name, job.backend, job.status, tokens, cost, where))
+        if losses := describe_losses(job):
+            print(f"{'':6}{losses}")
         if job.error_message:
             print(f"{'':6}error: {job.error_message}")
     return 0

