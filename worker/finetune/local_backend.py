@@ -1,19 +1,19 @@
-"""Supervised LoRA fine-tuning on this machine (TRL's SFTTrainer + peft), and sampling the adapter.
+"""Supervised LoRA fine-tuning on this machine: TRL's SFTTrainer + peft.
 
 Who does what: `gridtune.localmodel` turns the configured base model (an alias such as
 `smollm2-135m`, or a folder) into a Hugging Face folder; `datasets` holds the JSONL examples in
 memory; TRL's SFTTrainer tokenizes them with the tokenizer's chat template, masks the prompt so
 the loss covers the assistant's reply only, and runs the transformers Trainer loop; peft's LoRA
 is what it trains. gridtune keeps the job row: the plan, step/loss events, heartbeats, the
-validation loss before and after, and the adapter folder.
+validation loss before and after, and the adapter folder (which localapi serves by its path).
 
 torch, transformers, peft, trl and datasets are the optional `local` extra: they are imported
-inside these functions only, so the rest of gridtune runs without them.
+inside these functions only, so the rest of gridtune runs without them. A missing extra, model
+package or folder is a LocalModelError: one line saying what to install or fix.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -25,12 +25,11 @@ from typing import Any, Callable
 
 from gridtune import localmodel
 from gridtune.localmodel import LocalModelError
-from gridtune.sweep import AskSettings, FinetuneSettings
+from gridtune.sweep import FinetuneSettings
 from models import JobStatus, store
 
 log = logging.getLogger(__name__)
 
-EXTRA_MODULES = ("torch", "transformers", "peft", "trl", "datasets")
 LOCAL_AUTO_EPOCHS = 3
 LOCAL_AUTO_BATCH = 8
 HEARTBEAT_SECONDS = 30.0
@@ -38,47 +37,31 @@ HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 600.0
 MAX_LOGGED_STEPS = 200
 EVAL_BATCH = 8
-
-
-class MissingExtra(LocalModelError):
-    """The `local` extra (torch, transformers, peft, trl, datasets) is not installed (exit 2)."""
-
-
-def _missing(name: str) -> MissingExtra:
-    return MissingExtra(f"{localmodel.MISSING_EXTRA}; missing: {name}")
+# trl needs datasets; both are imported here directly.
+TRAINING_MODULES = (*localmodel.TRAINING_STACK, "datasets")
 
 
 def _training_stack():
-    try:
-        import datasets
-        import peft
-        import torch
-        import transformers
-        import trl
-    except ImportError as exc:
-        raise _missing(exc.name) from None
+    localmodel.require_modules(TRAINING_MODULES)  # one line naming the `local` extra
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
     transformers.utils.logging.disable_progress_bar()  # progress is in the job's events, not on stderr
     datasets.disable_progress_bars()
     return torch, transformers, peft, trl, datasets
 
 
 def check_ready(base_model: str, cache_dir: Path | None = None) -> None:
-    """Cheap checks before training here: the extra is installed and `base_model` can be found.
+    """Before training in this process: the `local` extra is installed and `base_model` resolves.
 
-    Imports nothing heavy and converts nothing. Raises MissingExtra or LocalModelError (one line).
+    Imports nothing heavy; an alias not yet converted is converted now (about 20 s, once; training
+    would do it anyway). Raises LocalModelError (one line, exit 2) naming what to install or fix.
     """
-    for name in EXTRA_MODULES:
-        if importlib.util.find_spec(name) is None:
-            raise _missing(name)
-    if localmodel.is_alias(base_model):
-        if cache_dir is None:
-            from gridtune.settings import get_settings
-
-            cache_dir = get_settings().model_cache_dir
-        if not (Path(cache_dir).expanduser() / base_model / "config.json").is_file():
-            localmodel.packaged_file(localmodel.ALIASES[base_model])  # converted on first use, if present
-    else:
-        _base_folder(base_model, cache_dir)
+    localmodel.require_modules(TRAINING_MODULES)
+    _base_folder(base_model, cache_dir)
 
 
 def _device(torch) -> str:
@@ -86,28 +69,20 @@ def _device(torch) -> str:
 
 
 # --- examples -------------------------------------------------------------------------------
-def _render_simple(messages: list[dict[str, str]]) -> str:
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+def prompt_completion(messages: list[dict[str, str]]) -> dict[str, Any]:
+    """One chat example as TRL's conversational prompt-completion record.
 
-
-def prompt_completion(messages: list[dict[str, str]], chat_template: bool) -> dict[str, Any]:
-    """One chat example as TRL's prompt-completion record; TRL then masks the prompt out of the loss.
-
-    With a chat template: conversational, {"prompt": [messages before the reply], "completion":
-    [the assistant's reply]}; the template renders both and closes the turn. Without one (a bare
-    language model): plain text in a simple "role: text" format, and TRL appends EOS to the
-    completion so the model learns where a description ends.
+    {"prompt": [the messages before the reply], "completion": [the assistant's reply]}: TRL
+    renders both with the tokenizer's chat template (which closes the turn, so the model learns
+    to stop) and leaves the prompt's tokens out of the loss.
     """
-    history, reply = messages[:-1], messages[-1]
-    if chat_template:
-        return {"prompt": history, "completion": [reply]}
-    return {"prompt": _render_simple(history) + "assistant:", "completion": " " + reply["content"]}
+    return {"prompt": messages[:-1], "completion": [messages[-1]]}
 
 
-def read_examples(path: str, chat_template: bool) -> list[dict[str, Any]]:
+def read_examples(path: str) -> list[dict[str, Any]]:
     """The training (or validation) JSONL file as prompt-completion records."""
     with open(path, encoding="utf-8") as lines:
-        return [prompt_completion(json.loads(line)["messages"], chat_template) for line in lines if line.strip()]
+        return [prompt_completion(json.loads(line)["messages"]) for line in lines if line.strip()]
 
 
 # --- training -------------------------------------------------------------------------------
@@ -208,9 +183,12 @@ def _train(ctx, job_id: int, settings: FinetuneSettings, dataset, adapter_dir: P
     torch, transformers, peft, trl, datasets = _training_stack()
     device = _device(torch)
     tokenizer, model = _load_base(transformers, torch, folder, device)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    train_records = read_examples(dataset.train_path, has_template)
-    validation_records = read_examples(dataset.validation_path, has_template) if dataset.validation_path else []
+    if not getattr(tokenizer, "chat_template", None):
+        # The local server renders prompts with the chat template too: train what it will serve.
+        raise LocalModelError(f"the base model {settings.base_model} has no chat template: "
+                              "use an instruct/chat model")
+    train_records = read_examples(dataset.train_path)
+    validation_records = read_examples(dataset.validation_path) if dataset.validation_path else []
     work_dir = adapter_dir.with_name(adapter_dir.name + ".trainer")  # Trainer's output_dir; nothing is kept
     seed = settings.seed if settings.seed is not None else 0
     args = trl.SFTConfig(
@@ -333,40 +311,3 @@ def _save(model, tokenizer, adapter_dir: Path) -> None:
     tokenizer.save_pretrained(staging)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     staging.rename(adapter_dir)
-
-
-# --- sampling -------------------------------------------------------------------------------
-def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the prompt that asks for the next assistant reply, rendered as training did."""
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
-    return tokenizer(_render_simple(messages) + "assistant:")["input_ids"]
-
-
-def generate(adapter_dir: str, base_model: str, messages: list[dict[str, str]], ask: AskSettings,
-             stop: str | None = None) -> str:
-    """The adapter's reply to `messages` (raises MissingExtra / LocalModelError, both one line)."""
-    torch, transformers, peft, _, _ = _training_stack()
-    device = _device(torch)
-    if not Path(adapter_dir).is_dir():
-        raise FileNotFoundError(f"the adapter directory {adapter_dir} is gone")
-    _, base = _load_base(transformers, torch, _base_folder(base_model, None), device)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir)
-    model = peft.PeftModel.from_pretrained(base, adapter_dir).to(device)
-    model.eval()
-    prompt = prompt_ids(tokenizer, messages)
-    sampling = {"do_sample": True, "temperature": ask.temperature} if ask.temperature > 0 else {"do_sample": False}
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=torch.tensor([prompt], device=device),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
-            max_new_tokens=ask.max_output_tokens,
-            pad_token_id=pad_id,
-            **sampling,
-        )
-    text = tokenizer.decode(output[0][len(prompt):], skip_special_tokens=True)
-    if stop and stop in text:
-        text = text[:text.index(stop)]
-    return text.strip()
