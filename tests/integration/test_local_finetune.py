@@ -28,6 +28,8 @@ STEPS = 4
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "CELERY_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)  # embedded mode, no provider: everything on this machine
 
 
 @pytest.fixture
@@ -47,6 +49,7 @@ def local_config(base_model: str, **finetune):
     return sweep_config(
         finetune={"backend": "local", "base_model": base_model, "batch_size": 2, "max_steps": STEPS,
                   "learning_rate": 2e-3, "max_seq_length": 64, "seed": 0, **finetune},
+        ask={"temperature": 0.0, "max_output_tokens": 8},
     )
 
 
@@ -89,6 +92,10 @@ def test_training_the_packaged_model_lowers_the_validation_loss(ctx, tmp_path, c
     assert main(["jobs", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed[0]["validation_loss_after"] == job.validation_loss_after
+
+    # The job's model name is what `ask` uses (served by the local API server from the adapter).
+    assert main(["ask", sweep.name, "18, man, can eat a lot"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 def test_a_missing_base_model_fails_the_job_with_the_reason(ctx, tmp_path):
