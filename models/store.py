@@ -273,6 +273,25 @@ def sweep_counts(engine: Engine, sweep: Sweep) -> SweepCounts:
     )
 
 
+def output_history(engine: Engine, model: str, *, exclude: str | None = None) -> tuple[int, int, list[str]]:
+    """Completion tokens of earlier sweeps of `model` (by the configured `[model] name`).
+
+    Returns (ok rows with usage, their completion tokens in all, the sweeps' names); `exclude`
+    leaves out one sweep by name. Feeds the pre-flight estimate's expected output.
+    """
+    sweeps = [s for s in list_sweeps(engine)
+              if (s.config.get("model") or {}).get("name") == model and s.name != exclude]
+    if not sweeps:
+        return 0, 0, []
+    with session_scope(engine) as session:
+        rows, tokens = session.execute(
+            select(func.count(), func.coalesce(func.sum(Generation.completion_tokens), 0)).where(
+                Generation.sweep_id.in_([s.id for s in sweeps]), Generation.state == RowState.OK,
+                Generation.completion_tokens.is_not(None))
+        ).one()
+    return int(rows), int(tokens), [s.name for s in sweeps]
+
+
 # === the fine-tune step: datasets, jobs and their events ===========================================
 ERROR_STATUSES = frozenset({JobStatus.FAILED, JobStatus.UNAVAILABLE})
 

@@ -86,16 +86,73 @@ def _check_local_models(config) -> str | None:
     return config.model.name if is_local_model(config.model.name) else None
 
 
+def _sweep_name(args: argparse.Namespace, config) -> str:
+    return args.name or config.name or (Path(args.config).stem if args.config else "superhero")
+
+
+def _existing_engine():
+    """The database when it already exists and answers, else None (an estimate creates nothing)."""
+    from sqlalchemy.engine import make_url
+
+    url = get_settings().database_url
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and (not parsed.database or not Path(parsed.database).exists()):
+            return None
+        return _engine()
+    except Exception:  # noqa: BLE001 - no history is a fine answer for an estimate
+        log.info("no database for the estimate's history", exc_info=True)
+        return None
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """`estimate` and `sweep --dry-run`: the pre-flight estimate; stores and sends nothing."""
+    from gridtune.sweep import load_config
+    from producer.estimate import History, describe, estimate
+
+    settings = get_settings()
+    bundled = _default_config(settings, getattr(args, "simulated", False))
+    config = load_config(args.config, max_requests=settings.max_requests, bundled=bundled)
+    name = _sweep_name(args, config)
+    history = None
+    engine = _existing_engine()
+    if engine is not None:
+        from models import store
+
+        history = History(*store.output_history(engine, config.model.name))
+
+    def learnt():
+        import redis
+
+        from worker.ratelimit import Limits, RateLimiter
+
+        url = settings.shared_redis_url
+        if not url:
+            return Limits()
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        return RateLimiter(client).learnt(config.model.name + ":")
+
+    est = estimate(name, config, settings, history=history, learnt=learnt,
+                   max_cost_usd=getattr(args, "max_cost", None))
+    if args.json:
+        print(json.dumps(est.as_json(), indent=2))
+    else:
+        print(describe(est))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from gridtune.sweep import load_config
     from producer import progress
     from producer.enqueue import enqueue_sweep
     from worker.app import app
 
+    if args.dry_run:
+        return cmd_estimate(args)
     settings = get_settings()
     bundled = _default_config(settings, args.simulated)
     config = load_config(args.config, max_requests=settings.max_requests, bundled=bundled)
-    name = args.name or config.name or (Path(args.config).stem if args.config else "superhero")
+    name = _sweep_name(args, config)
     if args.config is None:
         print(f"config: the bundled sweeps/{bundled}", file=sys.stderr, flush=True)
     local_model = _check_local_models(config)
@@ -300,7 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--replace-config", action="store_true",
                        help="resume an existing sweep with a different config")
     sweep.add_argument("--json", action="store_true", help="print the final status as JSON")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the pre-flight estimate (requests, tokens, cost, time); store and send nothing")
     sweep.set_defaults(handler=cmd_sweep)
+
+    estimate = commands.add_parser("estimate", help="the pre-flight estimate of a sweep (same as sweep --dry-run)")
+    estimate.add_argument("--config", help="sweep config TOML (default: sweeps/superhero.toml)")
+    estimate.add_argument("--name", help="sweep name (default: the config's `name`)")
+    estimate.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    estimate.set_defaults(handler=cmd_estimate)
 
     status = commands.add_parser("status", help="counts by state, tokens, pace, time left")
     status.add_argument("name")

@@ -162,6 +162,18 @@ class RateLimiter(Limiter):
             tpm=in_force(configured.tpm, learnt_tpm, self._fallback.tpm),
         )
 
+    def learnt(self, key_prefix: str) -> Limits:
+        """The highest limits learnt by any budget whose key starts with `key_prefix` (e.g. a model
+        name and ":"), for callers that do not hold the API key that names the budget."""
+        rpm = tpm = None
+        for redis_key in self._client.scan_iter(match=f"{self._namespace}:{_glob_escape(key_prefix)}*", count=200):
+            learnt_rpm, learnt_tpm = self._client.hmget(redis_key, ["learnt_rpm", "learnt_tpm"])
+            if learnt_rpm is not None:
+                rpm = max(rpm or 0, int(learnt_rpm))
+            if learnt_tpm is not None:
+                tpm = max(tpm or 0, int(learnt_tpm))
+        return Limits(rpm=rpm, tpm=tpm)
+
     def _run(self, script: str, key: str, *args: int | str) -> int:
         configured = self._configured.get(key, Limits())
         common = (
@@ -174,6 +186,10 @@ class RateLimiter(Limiter):
             self._burst_us,
         )
         return int(self._scripts[script](keys=[self.redis_key(key)], args=[*common, *args]))
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def _optional(value: int | None) -> int | str:
