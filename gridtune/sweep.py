@@ -54,6 +54,14 @@ class ModelSettings(_Section):
     tpm: int | None = Field(None, ge=1)
     # Up to 4 sequences that end an answer (not included in it); the answer counts as whole.
     stop: list[str] | None = Field(None, min_length=1, max_length=4)
+    # --- issue 10: how the sweep is run and paid for (not part of the fingerprint: see RUN_OPTIONS)
+    # The spend cap in USD (--max-cost overrides): requests stop before the next could pass it.
+    max_cost_usd: float | None = Field(None, gt=0)
+
+
+# [model] fields that change how a sweep runs, not what it asks for: changing them on resume is not a
+# different config (and sweeps stored before they existed keep their fingerprint).
+RUN_OPTIONS = ("max_cost_usd",)
 
 
 class DatasetSettings(_Section):
@@ -152,6 +160,7 @@ class SweepConfig(_Section):
     def fingerprint(self) -> str:
         """Identifies the config's content; `name` is excluded so renaming is not a change."""
         body = {k: v for k, v in self.snapshot().items() if k != "name"}
+        body["model"] = {k: v for k, v in body["model"].items() if k not in RUN_OPTIONS}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

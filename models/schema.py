@@ -39,6 +39,8 @@ class Sweep(Base):
     stop_reason: Mapped[str | None] = mapped_column(Text)
     # How many times the finalizer actually built a dataset (a guard, and what tests count).
     finalizer_runs: Mapped[int] = mapped_column(Integer, default=0)
+    # The spend cap in USD (--max-cost / [model] max_cost_usd); None = no cap.
+    max_cost_usd: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     enqueued_at: Mapped[datetime | None]
@@ -74,6 +76,8 @@ class Generation(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float)
+    # What the request cost in USD at the price table's price when it was stored; None = unpriced.
+    cost_usd: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     rate_limited: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16))

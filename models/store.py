@@ -100,6 +100,12 @@ def mark_enqueued(engine: Engine, sweep_id: int) -> None:
         )
 
 
+def set_max_cost(engine: Engine, sweep_id: int, max_cost_usd: float | None) -> None:
+    """Set (or raise, or lower) a sweep's spend cap in USD; None removes it."""
+    with session_scope(engine) as session:
+        session.execute(update(Sweep).where(Sweep.id == sweep_id).values(max_cost_usd=max_cost_usd))
+
+
 def stop_sweep(engine: Engine, sweep_id: int, reason: str) -> bool:
     """Stop a running sweep early (auth or quota failure). True if this call stopped it."""
     with session_scope(engine) as session:
@@ -222,6 +228,9 @@ class SweepCounts:
     rate_limited: int
     prompt_tokens: int
     completion_tokens: int
+    cost_usd: float  # the stored cost of priced rows
+    unpriced_prompt_tokens: int  # tokens of rows stored without a cost (an unpriced model, older rows)
+    unpriced_completion_tokens: int
     first_finished: datetime | None
     last_finished: datetime | None
     errors: dict[str, int]
@@ -238,7 +247,7 @@ class SweepCounts:
 def sweep_counts(engine: Engine, sweep: Sweep) -> SweepCounts:
     with session_scope(engine) as session:
         base = select().select_from(Generation).where(Generation.sweep_id == sweep.id)
-        ok, failed, truncated, limited, ptok, ctok, first, last = session.execute(
+        ok, failed, truncated, limited, ptok, ctok, cost, uptok, uctok, first, last = session.execute(
             base.add_columns(
                 func.count().filter(Generation.state == RowState.OK),
                 func.count().filter(Generation.state == RowState.FAILED),
@@ -246,6 +255,9 @@ def sweep_counts(engine: Engine, sweep: Sweep) -> SweepCounts:
                 func.coalesce(func.sum(Generation.rate_limited), 0),
                 func.coalesce(func.sum(Generation.prompt_tokens), 0),
                 func.coalesce(func.sum(Generation.completion_tokens), 0),
+                func.coalesce(func.sum(Generation.cost_usd), 0.0),
+                func.coalesce(func.sum(Generation.prompt_tokens).filter(Generation.cost_usd.is_(None)), 0),
+                func.coalesce(func.sum(Generation.completion_tokens).filter(Generation.cost_usd.is_(None)), 0),
                 func.min(Generation.finished_at),
                 func.max(Generation.finished_at),
             )
@@ -267,6 +279,9 @@ def sweep_counts(engine: Engine, sweep: Sweep) -> SweepCounts:
         rate_limited=int(limited),
         prompt_tokens=int(ptok),
         completion_tokens=int(ctok),
+        cost_usd=float(cost),
+        unpriced_prompt_tokens=int(uptok),
+        unpriced_completion_tokens=int(uctok),
         first_finished=first,
         last_finished=last,
         errors=errors,

@@ -132,8 +132,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         return RateLimiter(client).learnt(config.model.name + ":")
 
-    est = estimate(name, config, settings, history=history, learnt=learnt,
-                   max_cost_usd=getattr(args, "max_cost", None))
+    cap = args.max_cost if args.max_cost is not None else config.model.max_cost_usd
+    est = estimate(name, config, settings, history=history, learnt=learnt, max_cost_usd=cap)
     if args.json:
         print(json.dumps(est.as_json(), indent=2))
     else:
@@ -156,6 +156,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.config is None:
         print(f"config: the bundled sweeps/{bundled}", file=sys.stderr, flush=True)
     local_model = _check_local_models(config)
+    if args.max_cost is not None or config.model.max_cost_usd is not None:
+        from worker.spend import require_price
+
+        require_price(config)  # before anything starts or is stored
     engine = _engine()
     _check_broker(app)
     wait = args.wait or settings.embedded
@@ -167,7 +171,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  enqueued {sent:,}", file=sys.stderr, flush=True)
 
         result = enqueue_sweep(app, engine, name, config, replace_config=args.replace_config,
-                               batch=settings.enqueue_batch, on_progress=on_progress)
+                               batch=settings.enqueue_batch, on_progress=on_progress, max_cost_usd=args.max_cost)
         verb = "created" if result.created else "resumed"
         print(f"sweep {name} {verb}: {result.sent:,} requests enqueued, {result.already_done:,} already done",
               file=sys.stderr, flush=True)
@@ -282,13 +286,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from models import store
 
-    sweeps = store.list_sweeps(_engine())
+    from producer.progress import spent_usd
+
+    engine = _engine()
+    sweeps = store.list_sweeps(engine)
+    spent = {s.id: spent_usd(store.sweep_counts(engine, s), store.sweep_config(s).model.name) for s in sweeps}
     if args.json:
-        print(json.dumps([{"name": s.name, "state": s.state, "total": s.total_requests,
-                           "created_at": s.created_at.isoformat()} for s in sweeps], indent=2))
+        print(json.dumps([{"name": s.name, "state": s.state, "total": s.total_requests, "spent_usd": spent[s.id],
+                           "max_cost_usd": s.max_cost_usd, "created_at": s.created_at.isoformat()} for s in sweeps],
+                         indent=2))
         return 0
     for s in sweeps:
-        print(f"{s.name:30} {s.state:15} {s.total_requests:>10,} requests  created {s.created_at:%Y-%m-%d %H:%M}")
+        money = "n/a" if spent[s.id] is None else f"${spent[s.id]:,.4f}"
+        cap = f" of ${s.max_cost_usd:,.4f}" if s.max_cost_usd is not None else ""
+        print(f"{s.name:30} {s.state:15} {s.total_requests:>10,} requests  spent {money}{cap}  "
+              f"created {s.created_at:%Y-%m-%d %H:%M}")
     if not sweeps:
         print("no sweeps yet: run `python -m producer sweep`", file=sys.stderr)
     return 0
@@ -338,6 +350,18 @@ def _open_out(path: str):
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
 
 
+def _usd(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an amount of USD: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be more than 0 USD, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m producer",
@@ -357,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--replace-config", action="store_true",
                        help="resume an existing sweep with a different config")
     sweep.add_argument("--json", action="store_true", help="print the final status as JSON")
+    sweep.add_argument("--max-cost", type=_usd, metavar="USD",
+                       help="spend cap in USD (overrides [model] max_cost_usd); re-run with a higher one to resume")
     sweep.add_argument("--dry-run", action="store_true",
                        help="print the pre-flight estimate (requests, tokens, cost, time); store and send nothing")
     sweep.set_defaults(handler=cmd_sweep)
@@ -364,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate = commands.add_parser("estimate", help="the pre-flight estimate of a sweep (same as sweep --dry-run)")
     estimate.add_argument("--config", help="sweep config TOML (default: sweeps/superhero.toml)")
     estimate.add_argument("--name", help="sweep name (default: the config's `name`)")
+    estimate.add_argument("--max-cost", type=_usd, metavar="USD", help="show what this spend cap allows")
     estimate.add_argument("--json", action="store_true", help="one JSON document for scripts")
     estimate.set_defaults(handler=cmd_estimate)
 

@@ -19,9 +19,11 @@ from celery import Celery
 from celery.utils import uuid
 from sqlalchemy import Engine
 
+from gridtune.errors import UserError
 from gridtune.sweep import SweepConfig
 from models import store
 from models.schema import Sweep
+from worker.ratelimit.spend import SpendLimiter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,26 @@ def send_chord(
     return group_id, body_id
 
 
+def open_spend_budget(engine: Engine, sweep: Sweep, config: SweepConfig, cap: float,
+                       spend: SpendLimiter | None) -> None:
+    """Store the cap, tell the shared budget what was spent, and refuse (UserError) a sweep whose
+    cap leaves no room for one more reply of `max_output_tokens`."""
+    from worker.spend import open_budget, require_price, worst_case_cost
+
+    require_price(config)
+    if sweep.max_cost_usd != cap:
+        store.set_max_cost(engine, sweep.id, cap)
+    if spend is None:
+        from worker.context import get_context
+
+        spend = get_context().spend
+    counts = store.sweep_counts(engine, sweep)
+    state = open_budget(spend, sweep, counts.cost_usd)
+    if state.spent_usd + state.reserved_usd + worst_case_cost(config, 0) > cap:
+        raise UserError(f"sweep {sweep.name!r} has spent ${state.spent_usd:.4f} (and reserved "
+                        f"${state.reserved_usd:.4f}) of its ${cap:.4f} spend cap: pass a higher --max-cost to resume it")
+
+
 def enqueue_sweep(
     app: Celery,
     engine: Engine,
@@ -90,9 +112,24 @@ def enqueue_sweep(
     replace_config: bool = False,
     batch: int = 1000,
     on_progress: Callable[[int], None] | None = None,
+    max_cost_usd: float | None = None,
+    spend: SpendLimiter | None = None,
 ) -> Enqueued:
-    """Create the sweep (or resume it: only requests without an ok row are sent again)."""
+    """Create the sweep (or resume it: only requests without an ok row are sent again).
+
+    The spend cap is `max_cost_usd`, else the config's `[model] max_cost_usd`, else the one the
+    sweep already has; `spend` is the shared spend budget (default: this process's worker context).
+    Raises UserError when a capped model has no price or a resumed sweep has already spent its cap.
+    """
+    cap = max_cost_usd if max_cost_usd is not None else config.model.max_cost_usd
+    if cap is not None:
+        from worker.spend import require_price
+
+        require_price(config)
     sweep, created = store.create_or_resume_sweep(engine, name, config, replace_config=replace_config)
+    cap = cap if cap is not None else sweep.max_cost_usd
+    if cap is not None:
+        open_spend_budget(engine, sweep, config, cap, spend)
     if not created:
         forgotten = store.forget_failed_rows(engine, sweep.id)
         if forgotten:

@@ -49,7 +49,8 @@ def snapshot(engine: Engine, name: str, in_flight: int | None = None) -> dict[st
         "completion_tokens": counts.completion_tokens,
         "requests_per_minute": round(counts.done / minutes, 1) if minutes else None,
         "tokens_per_minute": round((counts.prompt_tokens + counts.completion_tokens) / minutes) if minutes else None,
-        "estimated_cost_usd": pricing.inference_cost(config.model.name, counts.prompt_tokens, counts.completion_tokens),
+        "spent_usd": spent_usd(counts, config.model.name),
+        "max_cost_usd": sweep.max_cost_usd,
         "seconds_left": round(counts.missing / rate, 1) if rate and counts.missing else (0 if not counts.missing else None),
         "errors": counts.errors,
         "finalizer_runs": sweep.finalizer_runs,
@@ -63,6 +64,15 @@ def snapshot(engine: Engine, name: str, in_flight: int | None = None) -> dict[st
     }
 
 
+def spent_usd(counts: store.SweepCounts, model: str) -> float | None:
+    """What the sweep's rows cost: their stored costs, plus rows stored without one (older
+    gridtune versions) priced now; None when such rows exist and the model has no price."""
+    if not (counts.unpriced_prompt_tokens or counts.unpriced_completion_tokens):
+        return counts.cost_usd
+    rest = pricing.inference_cost(model, counts.unpriced_prompt_tokens, counts.unpriced_completion_tokens)
+    return None if rest is None else counts.cost_usd + rest
+
+
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
@@ -73,7 +83,9 @@ def is_finished(snap: dict[str, Any]) -> bool:
 
 def describe(snap: dict[str, Any]) -> str:
     """A few human lines."""
-    money = f"${snap['estimated_cost_usd']:.4f}" if snap["estimated_cost_usd"] is not None else "n/a (unknown model price)"
+    money = f"${snap['spent_usd']:.4f}" if snap["spent_usd"] is not None else "n/a (unknown model price)"
+    if snap["max_cost_usd"] is not None:
+        money += f" of a ${snap['max_cost_usd']:.4f} cap"
     left = f"{snap['seconds_left']:.0f}s" if snap["seconds_left"] is not None else "unknown"
     lines = [
         f"sweep {snap['name']}: {snap['state']}" + (f" ({snap['stop_reason']})" if snap["stop_reason"] else ""),
@@ -82,7 +94,7 @@ def describe(snap: dict[str, Any]) -> str:
         f"  tokens    {snap['prompt_tokens']:,} prompt + {snap['completion_tokens']:,} completion; "
         f"{snap['truncated']} truncated; {snap['rate_limited']} rate-limited (429) retries",
         f"  pace      {snap['requests_per_minute'] or 0} requests/min, {snap['tokens_per_minute'] or 0} tokens/min; "
-        f"cost so far {money}; time left {left}",
+        f"spent {money}; time left {left}",
     ]
     if snap["errors"]:
         lines.append("  failures  " + ", ".join(f"{kind or 'other'}: {n}" for kind, n in snap["errors"].items()))
@@ -137,7 +149,8 @@ def follow(
                 + (f" in flight {snap['in_flight']}" if snap["in_flight"] is not None else "")
                 + f" | {snap['requests_per_minute'] or 0} req/min {snap['tokens_per_minute'] or 0} tok/min"
                 + f" | 429s {snap['rate_limited']}"
-                + (f" | ${snap['estimated_cost_usd']:.4f}" if snap["estimated_cost_usd"] is not None else "")
+                + (f" | ${snap['spent_usd']:.4f}" if snap["spent_usd"] is not None else "")
+                + (f"/${snap['max_cost_usd']:.4f}" if snap["max_cost_usd"] is not None else "")
                 + (f" | {snap['seconds_left']:.0f}s left" if snap["seconds_left"] else "")
                 + f" | {snap['state']}"
             )

@@ -19,6 +19,7 @@ from gridtune.settings import Settings, get_settings
 from gridtune.sweep import SweepConfig
 from models import get_engine
 from worker.ratelimit import Limits, RateLimiter
+from worker.ratelimit.spend import RedisSpendLimiter
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class WorkerContext:
         # Unknown limits = no limit until the first x-ratelimit-* headers teach them (servers
         # that send none, like many self-hosted ones, are then never throttled by us).
         return RateLimiter(self.redis, burst_seconds=self.settings.burst_seconds, fallback=Limits())
+
+    @cached_property
+    def spend(self) -> RedisSpendLimiter:
+        """Every sweep's spend budget (money, for the spend cap), on the same Redis."""
+        return RedisSpendLimiter(self.redis)
 
     def configure_budget(self, key: str, config: SweepConfig) -> None:
         """Tell the shared limiter about configured limits, once per process and budget."""

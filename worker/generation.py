@@ -20,6 +20,7 @@ from models import RowState, SweepState, store
 from models.schema import utcnow
 from worker import llm
 from worker.context import WorkerContext
+from worker.spend import RequestSpend
 from worker.tokens import count_messages, encoding_name
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,10 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
     messages = build_messages(config, request.prompt)
     key = llm.budget_key(config.model.name, settings)
     ctx.configure_budget(key, config)
-    reserved = count_messages(messages, encoding_name(config.model.name)) + config.model.max_output_tokens
+    prompt_tokens = count_messages(messages, encoding_name(config.model.name))
+    reserved = prompt_tokens + config.model.max_output_tokens
     params = request_params(config, messages)
+    spend = RequestSpend.for_request(ctx.spend, sweep, config, prompt_tokens)  # money: the spend cap
 
     while True:
         wait = ctx.limiter.reserve(key, reserved)
@@ -127,6 +130,11 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
                 return Outcome(retry_in=min(wait, settings.max_countdown), attempts=attempts, rate_limited=rate_limited)
             time.sleep(wait)
             continue
+        if (cap_reached := spend.cap_reached()) is not None:
+            ctx.limiter.settle(key, reserved, 0)
+            if store.stop_sweep(engine, sweep_id, cap_reached):
+                log.warning("sweep %s stopped: %s", sweep.name, cap_reached)
+            return fail("spend_cap", f"not sent: {cap_reached}")
 
         attempts += 1
         began = time.monotonic()
@@ -140,6 +148,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
                 ctx.limiter.observe(key, response.headers)
             ctx.limiter.settle(key, reserved, 0)  # a refused or failed call used no tokens
             failure = llm.classify(exc)
+            spend.release(failure.kind)
             if failure.kind == "rate_limited":
                 rate_limited += 1
                 wait = failure.retry_after if failure.retry_after else llm.backoff(rate_limited, settings.backoff_cap)
@@ -171,6 +180,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             latency_ms=round(latency_ms, 1), attempts=attempts, rate_limited=rate_limited, started_at=started,
+            cost_usd=spend.settle(usage),
         )
         if not content:
             values = _row(sweep_id, request, state=RowState.FAILED, error_kind="empty",
