@@ -20,7 +20,7 @@ def _comma_list(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m localapi",
-        description="A local OpenAI-compatible server (chat completions, files, fine-tuning) for tests and benchmarks.",
+        description="A local OpenAI-compatible server (chat completions, files, batches, fine-tuning) for tests and benchmarks.",
     )
     add = parser.add_argument
     add("--host", default=DEFAULTS.host)
@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--max-batch", type=int, default=DEFAULTS.max_batch,
         help="real models (smollm2-135m, a model folder, an adapter folder): requests generated together")
+    add("--batch-seconds", type=float, default=DEFAULTS.batch_seconds,
+        help="how long a /v1/batches batch takes from create to its end")
+    add("--batch-failure-rate", type=float, default=DEFAULTS.batch_failure_rate,
+        help="share of a batch's lines that fail (500, in the error file)")
+    add("--batch-completion-fraction", type=float, default=DEFAULTS.batch_completion_fraction,
+        help="share of a batch's lines done before it expires (1 = it completes)")
     add("--seed", type=int, default=DEFAULTS.seed, help="seeds replies and fault draws")
     return parser
 

@@ -39,6 +39,11 @@ class ServerConfig:
     seed: int = 0
     # Real models: how many requests one model generates together (continuous batching).
     max_batch: int = 32
+    # /v1/batches: seconds from create to the end, share of lines that fail (500), share done
+    # before the batch expires (1 = it completes).
+    batch_seconds: float = 0.3
+    batch_failure_rate: float = 0.0
+    batch_completion_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("faults", "api_keys", "quota_exhausted_keys"):
@@ -63,6 +68,11 @@ class ServerConfig:
                 raise ValueError(f"{name} must not be negative")
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        for name in ("batch_failure_rate", "batch_completion_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1")
+        if self.batch_seconds < 0:
+            raise ValueError("batch_seconds must not be negative")
         if self.burst_seconds <= 0:
             raise ValueError("burst_seconds must be positive")
 

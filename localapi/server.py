@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from . import tokens
+from .batches import Batches
 from .budget import RateLimiter, go_duration
 from gridtune.localmodel import LocalModelError, is_local_model
 
@@ -68,6 +69,7 @@ class LocalAPIServer:
         self.fine_tuning = FineTuning(self.files, lambda: self.config)
         # Real models (an alias like smollm2-135m, a model folder, a LoRA adapter folder).
         self.models = ModelHost(config.max_batch)
+        self.batches = Batches(self.files, lambda: self.config, self.complete_offline)
         self._fault_rng = random.Random(config.seed)
         self._runner: web.AppRunner | None = None
 
@@ -94,6 +96,7 @@ class LocalAPIServer:
     async def close(self) -> None:
         self.fine_tuning.close()
         await asyncio.to_thread(self.models.close)
+        self.batches.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -117,7 +120,7 @@ class LocalAPIServer:
         app = web.Application()
         app.on_response_prepare.append(_add_request_id)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
-        for method, path, handler in self.files.routes() + self.fine_tuning.routes():
+        for method, path, handler in self.files.routes() + self.fine_tuning.routes() + self.batches.routes():
             app.router.add_route(method, path, self._authenticated(handler))
         app.router.add_get("/_stats", self.stats_endpoint)
         app.router.add_get("/_admin/config", self.config_endpoint)
@@ -253,6 +256,15 @@ class LocalAPIServer:
         except asyncio.CancelledError:
             generator.abandon(future)  # the client gave up: free its row in the batch
             raise
+
+    def complete_offline(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """One batch line's chat completion: (status, body), without budgets, faults or latency.
+        Always the simulated reply: batches of real local models are not served."""
+        try:
+            chat = parse_chat_request(body)
+        except RequestError as error:
+            return error.response.status, json.loads(error.response.text)
+        return 200, _completion_body(chat, reply_to(chat, self.config.seed))
 
     def _too_many_requests(
         self, message: str, kind: str, retry_in: float | None, headers: dict[str, str] | None
