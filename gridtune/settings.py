@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     # Refuse grids larger than this before anything is stored or enqueued.
     max_requests: int = Field(5_000_000, validation_alias=_env("GRIDTUNE_MAX_REQUESTS"))
 
+    # --- batch mode (the provider's Batch API) -------------------------------------------------
+    # One batch input file holds at most this many requests and bytes (OpenAI: 50,000 and 200 MB).
+    batch_max_requests: int = Field(50_000, ge=1, validation_alias=_env("GRIDTUNE_BATCH_MAX_REQUESTS"))
+    batch_max_bytes: int = Field(200_000_000, ge=1024, validation_alias=_env("GRIDTUNE_BATCH_MAX_BYTES"))
+    # How often a batch in flight is polled (its results come within 24 h).
+    batch_poll_seconds: float = Field(60.0, gt=0, validation_alias=_env("GRIDTUNE_BATCH_POLL_SECONDS"))
+
     @property
     def embedded(self) -> bool:
         return not self.broker_url

@@ -57,11 +57,13 @@ class ModelSettings(_Section):
     # --- issue 10: how the sweep is run and paid for (not part of the fingerprint: see RUN_OPTIONS)
     # The spend cap in USD (--max-cost overrides): requests stop before the next could pass it.
     max_cost_usd: float | None = Field(None, gt=0)
+    # "online": one API call per request; "batch": the provider's Batch API (half price, <= 24 h).
+    mode: Literal["online", "batch"] = "online"
 
 
 # [model] fields that change how a sweep runs, not what it asks for: changing them on resume is not a
 # different config (and sweeps stored before they existed keep their fingerprint).
-RUN_OPTIONS = ("max_cost_usd",)
+RUN_OPTIONS = ("max_cost_usd", "mode")
 
 
 class DatasetSettings(_Section):

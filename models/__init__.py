@@ -2,6 +2,8 @@
 
 from models.db import dispose_engines, get_engine, session_scope
 from models.schema import (
+    Batch,
+    BatchState,
     Dataset,
     FinetuneEvent,
     FinetuneJob,
@@ -13,6 +15,6 @@ from models.schema import (
 )
 
 __all__ = [
-    "Dataset", "FinetuneEvent", "FinetuneJob", "Generation", "JobStatus", "RowState", "Sweep",
+    "Batch", "BatchState", "Dataset", "FinetuneEvent", "FinetuneJob", "Generation", "JobStatus", "RowState", "Sweep",
     "SweepState", "dispose_engines", "get_engine", "session_scope",
 ]

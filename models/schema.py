@@ -41,6 +41,8 @@ class Sweep(Base):
     finalizer_runs: Mapped[int] = mapped_column(Integer, default=0)
     # The spend cap in USD (--max-cost / [model] max_cost_usd); None = no cap.
     max_cost_usd: Mapped[float | None] = mapped_column(Float)
+    # "online" or "batch" (--batch / [model] mode); None = online (sweeps stored before batch mode).
+    mode: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     enqueued_at: Mapped[datetime | None]
@@ -88,6 +90,40 @@ class Generation(Base):
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     sweep: Mapped[Sweep] = relationship(back_populates="generations", lazy="raise")
+
+
+class BatchState:
+    """A batch's `status`: "pending" until the provider has it, then the provider's own statuses."""
+
+    PENDING = "pending"
+    FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+class Batch(Base):
+    """One provider batch of a sweep: which requests it carries and where it stands.
+
+    `ranges` lists the request indices as [start, stop) pairs. `ingested_at` is set once every
+    request of it has a row (or was handed to a new batch after expiry).
+    """
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    ranges: Mapped[list[Any]] = mapped_column(JSON)
+    request_count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32), default=BatchState.PENDING)
+    provider_batch_id: Mapped[str | None] = mapped_column(String(200))
+    input_file_id: Mapped[str | None] = mapped_column(String(200))
+    output_file_id: Mapped[str | None] = mapped_column(String(200))
+    error_file_id: Mapped[str | None] = mapped_column(String(200))
+    completed: Mapped[int | None] = mapped_column(Integer)
+    failed: Mapped[int | None] = mapped_column(Integer)
+    reserved_usd: Mapped[float | None] = mapped_column(Float)  # the spend cap's reservation while in flight
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    ingested_at: Mapped[datetime | None]
 
 
 class Dataset(Base):

@@ -13,6 +13,8 @@ from gridtune.errors import UserError
 from gridtune.sweep import SweepConfig, config_from_snapshot
 from models.db import session_scope
 from models.schema import (
+    Batch,
+    BatchState,
     Dataset,
     FinetuneEvent,
     FinetuneJob,
@@ -106,6 +108,12 @@ def set_max_cost(engine: Engine, sweep_id: int, max_cost_usd: float | None) -> N
         session.execute(update(Sweep).where(Sweep.id == sweep_id).values(max_cost_usd=max_cost_usd))
 
 
+def set_mode(engine: Engine, sweep_id: int, mode: str) -> None:
+    """"online" or "batch": how the sweep's requests are sent from now on."""
+    with session_scope(engine) as session:
+        session.execute(update(Sweep).where(Sweep.id == sweep_id).values(mode=mode))
+
+
 def stop_sweep(engine: Engine, sweep_id: int, reason: str) -> bool:
     """Stop a running sweep early (auth or quota failure). True if this call stopped it."""
     with session_scope(engine) as session:
@@ -169,6 +177,24 @@ def insert_generation(engine: Engine, values: dict[str, Any]) -> bool:
     )
     with session_scope(engine) as session:
         return session.execute(statement).scalar() is not None
+
+
+def insert_generations(engine: Engine, rows: list[dict[str, Any]], chunk: int = 1000) -> int:
+    """Insert many rows, skipping requests that already have one. Returns how many were inserted."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    columns = {key for row in rows for key in row}
+    rows = [row if len(row) == len(columns) else {key: row.get(key) for key in columns} for row in rows]
+    inserted = 0
+    for start in range(0, len(rows), chunk):
+        statement = (
+            dialect.insert(Generation)
+            .values(rows[start:start + chunk])
+            .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])
+            .returning(Generation.id)
+        )
+        with session_scope(engine) as session:
+            inserted += len(session.execute(statement).all())
+    return inserted
 
 
 def sweep_and_row(engine: Engine, sweep_id: int, index: int) -> tuple[Sweep, bool]:
@@ -286,6 +312,51 @@ def sweep_counts(engine: Engine, sweep: Sweep) -> SweepCounts:
         last_finished=last,
         errors=errors,
     )
+
+
+# --- batches (batch mode) -------------------------------------------------------------------------
+def add_batches(engine: Engine, sweep_id: int, chunks: list[list[list[int]]]) -> list[int]:
+    """One pending batch per chunk of [start, stop) index ranges; returns their ids."""
+    with session_scope(engine) as session:
+        batches = [Batch(sweep_id=sweep_id, ranges=ranges, request_count=sum(b - a for a, b in ranges),
+                         status=BatchState.PENDING) for ranges in chunks]
+        session.add_all(batches)
+        session.flush()
+        return [b.id for b in batches]
+
+
+def get_batch(engine: Engine, batch_id: int) -> Batch:
+    return _get(engine, Batch, batch_id, "batch")
+
+
+def open_batches(engine: Engine, sweep_id: int) -> list[Batch]:
+    """The sweep's batches whose rows are not all stored yet (pending, or in flight at the provider)."""
+    with session_scope(engine) as session:
+        return list(session.scalars(select(Batch).where(Batch.sweep_id == sweep_id, Batch.ingested_at.is_(None))
+                                    .order_by(Batch.id)))
+
+
+def update_batch(engine: Engine, batch_id: int, *, unless_set: str | None = None, **values: Any) -> bool:
+    """Change a batch; with `unless_set`, only if that column is still NULL. True if it changed."""
+    query = update(Batch).where(Batch.id == batch_id)
+    if unless_set is not None:
+        query = query.where(getattr(Batch, unless_set).is_(None))
+    with session_scope(engine) as session:
+        return session.execute(query.values(**values)).rowcount == 1
+
+
+def batch_states(engine: Engine, sweep_id: int) -> dict[str, int]:
+    """How many of the sweep's batches are in each status ("ingested" once their rows are stored)."""
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(Batch.status, Batch.ingested_at.is_not(None), func.count())
+            .where(Batch.sweep_id == sweep_id).group_by(Batch.status, Batch.ingested_at.is_not(None))
+        ).all()
+    states: dict[str, int] = {}
+    for status, ingested, count in rows:
+        key = "ingested" if ingested else status
+        states[key] = states.get(key, 0) + count
+    return states
 
 
 def output_history(engine: Engine, model: str, *, exclude: str | None = None) -> tuple[int, int, list[str]]:

@@ -171,7 +171,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  enqueued {sent:,}", file=sys.stderr, flush=True)
 
         result = enqueue_sweep(app, engine, name, config, replace_config=args.replace_config,
-                               batch=settings.enqueue_batch, on_progress=on_progress, max_cost_usd=args.max_cost)
+                               batch=settings.enqueue_batch, on_progress=on_progress, max_cost_usd=args.max_cost,
+                               mode="batch" if args.batch else "online" if args.online else None,
+                               max_requests=settings.batch_max_requests,
+                               max_bytes=settings.batch_max_bytes)
         verb = "created" if result.created else "resumed"
         print(f"sweep {name} {verb}: {result.sent:,} requests enqueued, {result.already_done:,} already done",
               file=sys.stderr, flush=True)
@@ -306,6 +309,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Stop a sweep: online requests not yet sent store "not sent" rows, batches are cancelled at the
+    provider (what they finished is kept); the finalizer still runs once every row exists."""
+    from models import store
+    from worker.app import app
+    from worker.tasks import batch_cancel
+
+    engine = _engine()
+    sweep = store.get_sweep(engine, args.name)
+    _check_broker(app)
+    stopped = store.stop_sweep(engine, sweep.id, "cancelled by the user")
+    batches = [b for b in store.open_batches(engine, sweep.id) if b.provider_batch_id is not None]
+    for batch in batches:
+        batch_cancel.apply_async((batch.id,))
+    if not stopped and not batches:
+        print(f"sweep {sweep.name} is {sweep.state}: nothing to cancel", file=sys.stderr)
+        return 0
+    print(f"sweep {sweep.name} cancelled: requests not sent yet store 'not sent' rows; "
+          f"{len(batches)} batches asked to cancel", file=sys.stderr)
+    if get_settings().embedded:
+        print("gridtune: embedded mode has no workers outside `sweep`: re-run `sweep` to store the rest",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from models import RowState, store
     from worker.dataset import chat_example, legacy_example
@@ -383,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true", help="print the final status as JSON")
     sweep.add_argument("--max-cost", type=_usd, metavar="USD",
                        help="spend cap in USD (overrides [model] max_cost_usd); re-run with a higher one to resume")
+    how = sweep.add_mutually_exclusive_group()
+    how.add_argument("--batch", action="store_true",
+                     help="send through the provider's Batch API (half price, results within 24 h); = [model] mode")
+    how.add_argument("--online", action="store_true",
+                     help="one API call per request (the default); on resume: retry a batch sweep's failures online")
     sweep.add_argument("--dry-run", action="store_true",
                        help="print the pre-flight estimate (requests, tokens, cost, time); store and send nothing")
     sweep.set_defaults(handler=cmd_sweep)
@@ -404,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="all sweeps")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list)
+
+    cancel = commands.add_parser("cancel", help="stop a sweep: cancel its batches and its online requests not yet sent")
+    cancel.add_argument("name")
+    cancel.set_defaults(handler=cmd_cancel)
 
     export = commands.add_parser("export", help="write a sweep's rows as CSV and/or training JSONL")
     export.add_argument("name")

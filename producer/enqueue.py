@@ -114,9 +114,15 @@ def enqueue_sweep(
     on_progress: Callable[[int], None] | None = None,
     max_cost_usd: float | None = None,
     spend: SpendLimiter | None = None,
+    mode: str | None = None,
+    max_requests: int = 50_000,
+    max_bytes: int = 200_000_000,
 ) -> Enqueued:
     """Create the sweep (or resume it: only requests without an ok row are sent again).
 
+    `mode` ("online" / "batch"; default: the sweep's stored mode, else the config's `[model] mode`)
+    picks one task per request or
+    batches of at most `max_requests` requests and `max_bytes` bytes (`enqueue_batches`).
     The spend cap is `max_cost_usd`, else the config's `[model] max_cost_usd`, else the one the
     sweep already has; `spend` is the shared spend budget (default: this process's worker context).
     Raises UserError when a capped model has no price or a resumed sweep has already spent its cap.
@@ -130,6 +136,11 @@ def enqueue_sweep(
     cap = cap if cap is not None else sweep.max_cost_usd
     if cap is not None:
         open_spend_budget(engine, sweep, config, cap, spend)
+    mode = mode or sweep.mode or config.model.mode
+    if sweep.mode != mode:
+        store.set_mode(engine, sweep.id, mode)
+    if mode == "batch":
+        return enqueue_batches(app, engine, sweep, created, max_requests=max_requests, max_bytes=max_bytes)
     if not created:
         forgotten = store.forget_failed_rows(engine, sweep.id)
         if forgotten:
@@ -142,3 +153,33 @@ def enqueue_sweep(
     indices = (i for i in range(sweep.total_requests) if i not in done)
     group_id, body_id = send_chord(app, sweep.id, indices, missing, batch=batch, on_progress=on_progress)
     return Enqueued(store.get_sweep_by_id(engine, sweep.id), created, missing, len(done), body_id, group_id)
+
+
+def enqueue_batches(app: Celery, engine: Engine, sweep: Sweep, created: bool, *, max_requests: int,
+                    max_bytes: int) -> Enqueued:
+    """Batch mode: the requests without an ok row and not in a batch still open become new pending
+    batches, each with a submit task; open batches are followed again (a resume after a lost
+    worker), never duplicated. `sent` counts the requests in new batches."""
+    from worker.batch import indices_of, plan_batches
+    from worker.tasks import batch_poll, batch_submit
+
+    if not created:
+        store.forget_failed_rows(engine, sweep.id)
+    config = store.sweep_config(sweep)
+    done = store.ok_indices(engine, sweep.id)
+    open_batches = store.open_batches(engine, sweep.id)
+    in_flight = {index for batch in open_batches for index in indices_of(batch.ranges)}
+    wanted = [i for i in range(sweep.total_requests) if i not in done and i not in in_flight]
+    if not wanted and not open_batches:
+        return Enqueued(sweep, created, 0, len(done), None, None)
+    store.mark_enqueued(engine, sweep.id)
+    new_ids = store.add_batches(engine, sweep.id, plan_batches(config, sweep.id, wanted, max_requests, max_bytes))
+    for batch in open_batches:
+        if batch.provider_batch_id is None:
+            batch_submit.apply_async((batch.id,))
+        else:
+            batch_poll.apply_async((batch.id,))
+    for batch_id in new_ids:
+        batch_submit.apply_async((batch_id,))
+    log.info("sweep %s: %d new batches, %d open ones followed again", sweep.name, len(new_ids), len(open_batches))
+    return Enqueued(store.get_sweep_by_id(engine, sweep.id), created, len(wanted), len(done), None, None)

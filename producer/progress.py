@@ -49,6 +49,8 @@ def snapshot(engine: Engine, name: str, in_flight: int | None = None) -> dict[st
         "completion_tokens": counts.completion_tokens,
         "requests_per_minute": round(counts.done / minutes, 1) if minutes else None,
         "tokens_per_minute": round((counts.prompt_tokens + counts.completion_tokens) / minutes) if minutes else None,
+        "mode": sweep.mode or "online",
+        "batches": store.batch_states(engine, sweep.id) if sweep.mode == "batch" else None,
         "spent_usd": spent_usd(counts, config.model.name),
         "max_cost_usd": sweep.max_cost_usd,
         "seconds_left": round(counts.missing / rate, 1) if rate and counts.missing else (0 if not counts.missing else None),
@@ -96,6 +98,8 @@ def describe(snap: dict[str, Any]) -> str:
         f"  pace      {snap['requests_per_minute'] or 0} requests/min, {snap['tokens_per_minute'] or 0} tokens/min; "
         f"spent {money}; time left {left}",
     ]
+    if snap["batches"]:
+        lines.append("  batches   " + ", ".join(f"{n} {state}" for state, n in sorted(snap["batches"].items())))
     if snap["errors"]:
         lines.append("  failures  " + ", ".join(f"{kind or 'other'}: {n}" for kind, n in snap["errors"].items()))
     if job := snap["finetune"]:

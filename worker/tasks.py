@@ -97,3 +97,63 @@ def finetune_local(self, job_id: int) -> None:
     from worker import finetune
 
     finetune.train_local(get_context(), job_id)
+
+
+# --- batch mode: thin wrappers around worker/batch.py ----------------------------------------------
+@app.task(name="gridtune.batch_submit", bind=True, max_retries=None, ignore_result=True)
+def batch_submit(self, batch_id: int) -> None:
+    """Upload and create one batch of a batch-mode sweep, then follow it."""
+    from worker import batch
+
+    _batch_step(self, batch_id, batch.submit)
+
+
+@app.task(name="gridtune.batch_poll", bind=True, max_retries=None, ignore_result=True)
+def batch_poll(self, batch_id: int) -> None:
+    """Follow one batch; at its end store its rows (reschedules itself until then)."""
+    from worker import batch
+
+    _batch_step(self, batch_id, batch.poll)
+
+
+@app.task(name="gridtune.batch_cancel", bind=True, max_retries=None, ignore_result=True)
+def batch_cancel(self, batch_id: int) -> None:
+    """`python -m producer cancel`: ask the provider to cancel one batch."""
+    from worker import batch
+
+    _batch_step(self, batch_id, batch.cancel)
+
+
+def _batch_step(task, batch_id: int, step_function) -> None:
+    import openai
+
+    ctx = get_context()
+    try:
+        step = step_function(ctx, batch_id)
+    except (*DB_UNAVAILABLE, redis.ConnectionError, redis.TimeoutError, openai.APIConnectionError,
+            openai.RateLimitError, openai.InternalServerError) as exc:
+        # Transient: the database, Redis or the API is away for now. Every step is idempotent.
+        countdown = min(backoff(task.request.retries, ctx.settings.backoff_cap, base=2.0) + 1, ctx.settings.max_countdown)
+        log.warning("batch %s: %s; retry in %.0fs", batch_id, exc.__class__.__name__, countdown)
+        raise task.retry(countdown=countdown)
+    except openai.APIStatusError as exc:
+        from worker import batch
+
+        step = batch.give_up(ctx, batch_id, exc)
+    follow_batch(batch_id, step)
+
+
+def follow_batch(batch_id: int, step) -> None:
+    """Schedule what a batch step asks for next."""
+    for new_id in step.new_batches:
+        batch_submit.apply_async((new_id,))
+    if step.poll_in is not None:
+        batch_poll.apply_async((batch_id,), countdown=min(step.poll_in, get_context().settings.max_countdown))
+    if step.finalize:
+        finalize.apply_async((_sweep_of(batch_id),))
+
+
+def _sweep_of(batch_id: int) -> int:
+    from models import store
+
+    return store.get_batch(get_context().engine, batch_id).sweep_id
