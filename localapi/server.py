@@ -30,6 +30,8 @@ from .stats import ServerStats
 # In-flight requests (a long latency, a hanging "timeout" fault) get this long when the server stops.
 SHUTDOWN_GRACE_SECONDS = 0.5
 FAULT_RETRY_AFTER_SECONDS = 1.0
+# Uploads as large as a batch input file may be (200 MB), not aiohttp's default 1 MB.
+MAX_BODY_BYTES = 256 * 1024 * 1024
 # A 200 whose JSON stops mid-way, as a proxy cutting a response short would leave it.
 MALFORMED_BODY = b'{"id": "chatcmpl-malformed", "object": "chat.completion", "choices": [{"index": 0, "message": {"ro'
 MISSING_KEY_MESSAGE = (
@@ -117,7 +119,7 @@ class LocalAPIServer:
         self.limiter = RateLimiter(self.config.rpm, self.config.tpm, self.config.burst_seconds)
 
     def _build_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.on_response_prepare.append(_add_request_id)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         for method, path, handler in self.files.routes() + self.fine_tuning.routes() + self.batches.routes():

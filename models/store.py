@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Iterator, TypeVar
 
-from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy import JSON, Engine, and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gridtune.errors import UserError
@@ -181,19 +181,42 @@ def insert_generation(engine: Engine, values: dict[str, Any]) -> bool:
 
 def insert_generations(engine: Engine, rows: list[dict[str, Any]], chunk: int = 1000) -> int:
     """Insert many rows, skipping requests that already have one. Returns how many were inserted."""
+    if not rows:
+        return 0
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    columns = {key for row in rows for key in row}
+    columns = sorted({key for row in rows for key in row})
     rows = [row if len(row) == len(columns) else {key: row.get(key) for key in columns} for row in rows]
+    if dialect is postgresql:
+        return _insert_generations_pg(engine, columns, rows, chunk)
+    # executemany (SQLAlchemy batches it as "insertmanyvalues"): one compiled statement, where a
+    # multi-row .values() would be compiled anew for every chunk (slower than the inserts).
+    statement = (
+        dialect.insert(Generation.__table__)
+        .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])
+        .returning(Generation.__table__.c.id)
+    )
     inserted = 0
     for start in range(0, len(rows), chunk):
-        statement = (
-            dialect.insert(Generation)
-            .values(rows[start:start + chunk])
-            .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])
-            .returning(Generation.id)
-        )
-        with session_scope(engine) as session:
-            inserted += len(session.execute(statement).all())
+        with engine.begin() as conn:
+            inserted += len(conn.execute(statement, rows[start:start + chunk]).all())
+    return inserted
+
+
+def _insert_generations_pg(engine: Engine, columns: list[str], rows: list[dict[str, Any]], chunk: int) -> int:
+    # psycopg's executemany (pipelined, one prepared statement) is about 4x faster here than
+    # SQLAlchemy's insertmanyvalues, whose long multi-row statements psycopg re-parses each time.
+    from psycopg.types.json import Json
+
+    json_columns = {c.name for c in Generation.__table__.columns if isinstance(c.type, JSON)}
+    quoted = ", ".join(f'"{name}"' for name in columns)
+    sql = (f"INSERT INTO generations ({quoted}) VALUES ({', '.join(['%s'] * len(columns))}) "
+           "ON CONFLICT (sweep_id, request_index) DO NOTHING")
+    inserted = 0
+    for start in range(0, len(rows), chunk):
+        values = [tuple(Json(row[name]) if name in json_columns and row[name] is not None else row[name]
+                        for name in columns) for row in rows[start:start + chunk]]
+        with engine.begin() as conn:
+            inserted += max(0, conn.exec_driver_sql(sql, values).rowcount)
     return inserted
 
 

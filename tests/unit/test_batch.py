@@ -74,9 +74,11 @@ def rows(ctx, sweep):
     return {row.request_index: row for row in store.iter_rows(ctx.engine, sweep.id)}
 
 
-def test_a_batch_sweep_stores_one_row_per_request_with_the_online_columns(tmp_path):
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_a_batch_sweep_stores_one_row_per_request_with_the_online_columns(tmp_path, database, request):
+    url = request.getfixturevalue("postgres_db") if database == "postgres" else f"sqlite:///{tmp_path}/batch.db"
     with localapi.running(batch_seconds=0.1) as server:
-        ctx = make_context(tmp_path, server)
+        ctx = make_context(tmp_path, server, DATABASE_URL=url)
         sweep = new_sweep(ctx)
         steps = drive(ctx, sweep)
         assert server.stats()["requests"] == 0  # nothing went through /v1/chat/completions
@@ -90,6 +92,12 @@ def test_a_batch_sweep_stores_one_row_per_request_with_the_online_columns(tmp_pa
                                                                     row.completion_tokens, "batch"))
     assert [s.finalize for s in steps].count(True) == 1 and steps[-1].finalize
     assert store.batch_states(ctx.engine, sweep.id) == {"ingested": 3}  # 12 requests, 5 per batch
+    # Ingesting again (a redelivered poll) adds nothing.
+    first = store.get_batch(ctx.engine, 1)
+    assert batch_mode.ingest(ctx, first, b"", b"") == batch_mode.Step()
+    duplicate = batch_mode._base_row(config, sweep.id, 0, state=RowState.FAILED, error="a second row")
+    assert store.insert_generations(ctx.engine, [duplicate]) == 0
+    assert len(rows(ctx, sweep)) == 12
 
 
 def test_input_lines_carry_exactly_the_online_request_body():
@@ -230,3 +238,18 @@ def test_an_embedded_batch_sweep_runs_end_to_end_and_finalizes_once(tmp_path, mo
     snap = json.loads(capsys.readouterr().out)
     assert snap["state"] == "done" and snap["ok"] == 12 and snap["finalizer_runs"] == 1
     assert snap["mode"] == "batch" and snap["batches"] == {"ingested": 3}
+
+
+def test_cancel_stops_an_online_sweep_too(tmp_path, monkeypatch, capsys):
+    from worker.generation import run_request
+
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/batch.db")
+    with localapi.running() as server:
+        ctx = make_context(tmp_path, server)
+        sweep, _ = store.create_or_resume_sweep(ctx.engine, "online", parse_config(CONFIG))
+        assert main(["cancel", "online"]) == 0
+        assert "cancelled" in capsys.readouterr().err
+        run_request(ctx, sweep.id, 0)
+        assert server.stats()["requests"] == 0
+    assert list(rows(ctx, sweep)) == [0] and rows(ctx, sweep)[0].error == "not sent: the sweep was stopped (cancelled by the user)"
+    assert main(["cancel", "online"]) == 0 and "nothing to cancel" in capsys.readouterr().err
