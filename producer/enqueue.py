@@ -146,13 +146,20 @@ def enqueue_sweep(
         if forgotten:
             log.info("sweep %s: %d failed requests will be tried again", name, forgotten)
     done = store.ok_indices(engine, sweep.id)
-    missing = sweep.total_requests - len(done)
+    skip = done | _in_open_batches(engine, sweep.id)  # a batch sweep resumed --online: no request twice
+    missing = sweep.total_requests - len(skip)
     if missing == 0:
         return Enqueued(sweep, created, 0, len(done), None, None)
     store.mark_enqueued(engine, sweep.id)
-    indices = (i for i in range(sweep.total_requests) if i not in done)
+    indices = (i for i in range(sweep.total_requests) if i not in skip)
     group_id, body_id = send_chord(app, sweep.id, indices, missing, batch=batch, on_progress=on_progress)
     return Enqueued(store.get_sweep_by_id(engine, sweep.id), created, missing, len(done), body_id, group_id)
+
+
+def _in_open_batches(engine: Engine, sweep_id: int) -> set[int]:
+    from worker.batch import indices_of
+
+    return {index for batch in store.open_batches(engine, sweep_id) for index in indices_of(batch.ranges)}
 
 
 def enqueue_batches(app: Celery, engine: Engine, sweep: Sweep, created: bool, *, max_requests: int,
@@ -160,7 +167,7 @@ def enqueue_batches(app: Celery, engine: Engine, sweep: Sweep, created: bool, *,
     """Batch mode: the requests without an ok row and not in a batch still open become new pending
     batches, each with a submit task; open batches are followed again (a resume after a lost
     worker), never duplicated. `sent` counts the requests in new batches."""
-    from worker.batch import indices_of, plan_batches
+    from worker.batch import plan_batches
     from worker.tasks import batch_poll, batch_submit
 
     if not created:
@@ -168,7 +175,7 @@ def enqueue_batches(app: Celery, engine: Engine, sweep: Sweep, created: bool, *,
     config = store.sweep_config(sweep)
     done = store.ok_indices(engine, sweep.id)
     open_batches = store.open_batches(engine, sweep.id)
-    in_flight = {index for batch in open_batches for index in indices_of(batch.ranges)}
+    in_flight = _in_open_batches(engine, sweep.id)
     wanted = [i for i in range(sweep.total_requests) if i not in done and i not in in_flight]
     if not wanted and not open_batches:
         return Enqueued(sweep, created, 0, len(done), None, None)
