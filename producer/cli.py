@@ -264,7 +264,8 @@ def _stall_watch(engine, name: str):
 
     def resume() -> int:
         config = store.sweep_config(store.get_sweep(engine, name))
-        return enqueue_sweep(app, engine, name, config, batch=settings.enqueue_batch).sent
+        return enqueue_sweep(app, engine, name, config, batch=settings.enqueue_batch,
+                             max_requests=settings.batch_max_requests, max_bytes=settings.batch_max_bytes).sent
 
     return StallWatch(lambda: broker_idle(client, queues), resume, settings.stall_seconds)
 
