@@ -121,8 +121,8 @@ def enqueue_sweep(
     """Create the sweep (or resume it: only requests without an ok row are sent again).
 
     `mode` ("online" / "batch"; default: the sweep's stored mode, else the config's `[model] mode`)
-    picks one task per request or
-    batches of at most `max_requests` requests and `max_bytes` bytes (`enqueue_batches`).
+    picks one task per request, or batches of at most `max_requests` requests and `max_bytes`
+    bytes (`enqueue_batches`).
     The spend cap is `max_cost_usd`, else the config's `[model] max_cost_usd`, else the one the
     sweep already has; `spend` is the shared spend budget (default: this process's worker context).
     Raises UserError when a capped model has no price or a resumed sweep has already spent its cap.

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator
 import openai
 
 from gridtune import pricing
+from gridtune.errors import UserError
 from gridtune.sweep import SweepConfig, request_at
 from models import Batch, BatchState, RowState, SweepState, store
 from models.schema import Sweep, utcnow
@@ -255,8 +256,12 @@ def ingest(ctx: WorkerContext, batch: Batch, output: bytes, errors: bytes, *, ba
     for raw in (output + b"\n" + errors).splitlines():
         if not raw.strip():
             continue
-        line = json.loads(raw)
-        index = index_of(sweep.id, line.get("custom_id") or "")
+        try:
+            line = json.loads(raw)
+            index = index_of(sweep.id, str(line.get("custom_id") or ""))
+        except (ValueError, AttributeError):  # an unreadable line: its request ends up "missing"
+            log.warning("batch %s: skipping an unreadable result line", batch.provider_batch_id)
+            continue
         if index is None or index not in expected or index in rows:
             continue
         response, error = line.get("response"), line.get("error")
@@ -301,13 +306,14 @@ def _settle(ctx: WorkerContext, sweep: Sweep, batch: Batch, stored: list[dict[st
 
 
 def give_up(ctx: WorkerContext, batch_id: int, exc: Exception) -> Step:
-    """The API refused a batch step for good (4xx): its requests become failed rows with the reason;
-    auth, permission and quota refusals stop the sweep, as online."""
+    """The API refused a batch step for good (4xx), or this worker cannot call it (UserError: no
+    key): its requests become failed rows with the reason; auth, permission and quota refusals
+    stop the sweep, as online."""
     failure = llm.classify(exc)
     batch = store.get_batch(ctx.engine, batch_id)
     sweep = store.get_sweep_by_id(ctx.engine, batch.sweep_id)
-    reason = llm.redact(failure.message, ctx.settings)
-    if failure.stops_sweep:
+    reason = llm.redact(str(exc) if isinstance(exc, UserError) else failure.message, ctx.settings)
+    if failure.stops_sweep or isinstance(exc, UserError):  # e.g. no API key in this worker
         store.stop_sweep(ctx.engine, sweep.id, reason)
     if batch.ingested_at is not None:
         return Step()

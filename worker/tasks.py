@@ -103,43 +103,48 @@ def finetune_local(self, job_id: int) -> None:
 @app.task(name="gridtune.batch_submit", bind=True, max_retries=None, ignore_result=True)
 def batch_submit(self, batch_id: int) -> None:
     """Upload and create one batch of a batch-mode sweep, then follow it."""
-    from worker import batch
+    from worker.batch import submit
 
-    _batch_step(self, batch_id, batch.submit)
+    _batch_step(self, batch_id, submit)
 
 
 @app.task(name="gridtune.batch_poll", bind=True, max_retries=None, ignore_result=True)
 def batch_poll(self, batch_id: int) -> None:
     """Follow one batch; at its end store its rows (reschedules itself until then)."""
-    from worker import batch
+    from worker.batch import poll
 
-    _batch_step(self, batch_id, batch.poll)
+    _batch_step(self, batch_id, poll)
 
 
 @app.task(name="gridtune.batch_cancel", bind=True, max_retries=None, ignore_result=True)
 def batch_cancel(self, batch_id: int) -> None:
     """`python -m producer cancel`: ask the provider to cancel one batch."""
-    from worker import batch
+    from worker.batch import cancel
 
-    _batch_step(self, batch_id, batch.cancel)
+    _batch_step(self, batch_id, cancel)
 
 
 def _batch_step(task, batch_id: int, step_function) -> None:
     import openai
 
+    from gridtune.errors import UserError
+    from worker import batch
+    from worker.llm import classify
+
     ctx = get_context()
     try:
         step = step_function(ctx, batch_id)
-    except (*DB_UNAVAILABLE, redis.ConnectionError, redis.TimeoutError, openai.APIConnectionError,
-            openai.RateLimitError, openai.InternalServerError) as exc:
-        # Transient: the database, Redis or the API is away for now. Every step is idempotent.
-        countdown = min(backoff(task.request.retries, ctx.settings.backoff_cap, base=2.0) + 1, ctx.settings.max_countdown)
-        log.warning("batch %s: %s; retry in %.0fs", batch_id, exc.__class__.__name__, countdown)
-        raise task.retry(countdown=countdown)
-    except openai.APIStatusError as exc:
-        from worker import batch
-
-        step = batch.give_up(ctx, batch_id, exc)
+    except (*DB_UNAVAILABLE, redis.ConnectionError, redis.TimeoutError, openai.OpenAIError, UserError) as exc:
+        failure = classify(exc) if isinstance(exc, (openai.OpenAIError, UserError)) else None
+        if failure is not None and not failure.retryable:  # 4xx, quota, auth, no key: the requests fail
+            step = batch.give_up(ctx, batch_id, exc)
+        else:
+            # Transient: the database, Redis or the API is away for now. Every step is idempotent.
+            wait = failure.retry_after if failure and failure.retry_after else backoff(
+                task.request.retries, ctx.settings.backoff_cap, base=2.0) + 1
+            countdown = min(wait, ctx.settings.max_countdown)
+            log.warning("batch %s: %s; retry in %.0fs", batch_id, exc.__class__.__name__, countdown)
+            raise task.retry(countdown=countdown)
     follow_batch(batch_id, step)
 
 

@@ -253,3 +253,25 @@ def test_cancel_stops_an_online_sweep_too(tmp_path, monkeypatch, capsys):
         assert server.stats()["requests"] == 0
     assert list(rows(ctx, sweep)) == [0] and rows(ctx, sweep)[0].error == "not sent: the sweep was stopped (cancelled by the user)"
     assert main(["cancel", "online"]) == 0 and "nothing to cancel" in capsys.readouterr().err
+
+
+def test_a_refused_batch_fails_its_requests_with_the_reason_and_auth_stops_the_sweep(tmp_path):
+    import openai
+
+    with localapi.running(api_keys=("sk-the-right-one-1234",)) as server:
+        ctx = make_context(tmp_path, server)
+        sweep = new_sweep(ctx)
+        first = store.open_batches(ctx.engine, sweep.id)[0]
+        with pytest.raises(openai.AuthenticationError) as refused:
+            batch_mode.submit(ctx, first.id)
+        step = batch_mode.give_up(ctx, first.id, refused.value)
+    assert not step.finalize
+    stored = rows(ctx, sweep)
+    assert sorted(stored) == [0, 1, 2, 3, 4]
+    assert all(r.error_kind == "auth" and "HTTP 401" in r.error and "sk-test-batch" not in r.error
+               for r in stored.values())
+    assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.STOPPED
+    # The other batches will not be created: their requests are "not sent" rows.
+    for other in store.open_batches(ctx.engine, sweep.id):
+        batch_mode.submit(ctx, other.id)
+    assert len(rows(ctx, sweep)) == 12 and {r.error_kind for r in rows(ctx, sweep).values()} == {"auth", "stopped"}
