@@ -176,13 +176,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                max_requests=settings.batch_max_requests,
                                max_bytes=settings.batch_max_bytes)
         verb = "created" if result.created else "resumed"
-        print(f"sweep {name} {verb}: {result.sent:,} requests enqueued, {result.already_done:,} already done",
+        batches = (f" in {result.new_batches} batches" if result.new_batches else "") + (
+            f", {result.open_batches} batches in flight followed" if result.open_batches else "")
+        print(f"sweep {name} {verb}: {result.sent:,} requests enqueued{batches}, {result.already_done:,} already done",
               file=sys.stderr, flush=True)
-        if result.sent == 0 and not result.created:
+        if result.sent == 0 and not result.created and not result.open_batches:
             print(f"nothing to do: every request of {name} has an ok row "
                   f"(state {result.sweep.state}); `python -m producer finetune {name}` re-runs the fine-tune step",
                   file=sys.stderr)
-        if not wait or result.sent == 0:
+        if not wait or (result.sent == 0 and not result.open_batches):
             if args.json:
                 progress.dump_json(progress.snapshot(engine, name))
             return 0

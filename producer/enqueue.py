@@ -36,6 +36,8 @@ class Enqueued:
     already_done: int
     body_id: str | None  # the finalizer's task id (None when nothing was sent)
     group_id: str | None
+    new_batches: int = 0  # batch mode: batches created for `sent` requests
+    open_batches: int = 0  # batch mode: batches already in flight, followed again
 
 
 def send_chord(
@@ -189,4 +191,5 @@ def enqueue_batches(app: Celery, engine: Engine, sweep: Sweep, created: bool, *,
     for batch_id in new_ids:
         batch_submit.apply_async((batch_id,))
     log.info("sweep %s: %d new batches, %d open ones followed again", sweep.name, len(new_ids), len(open_batches))
-    return Enqueued(store.get_sweep_by_id(engine, sweep.id), created, len(wanted), len(done), None, None)
+    return Enqueued(store.get_sweep_by_id(engine, sweep.id), created, len(wanted), len(done), None, None,
+                    new_batches=len(new_ids), open_batches=len(open_batches))
