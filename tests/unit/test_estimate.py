@@ -127,3 +127,16 @@ def test_an_unpriced_model_has_no_cost_but_still_an_estimate(tmp_path, capsys):
     path.write_text(CONFIG.replace('"gpt-4o-mini"', '"my-local-model"'), encoding="utf-8")
     est = dry_run(capsys, "estimate", "--config", str(path))
     assert est["cost_online_max"] is None and est["input_tokens"] > 0
+
+
+def test_learnt_limits_are_found_by_model_without_the_api_key():
+    import fakeredis
+
+    from worker.ratelimit import RateLimiter
+
+    limiter = RateLimiter(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    limiter.observe("gpt-4o-mini:abc123", {"x-ratelimit-limit-requests": "500", "x-ratelimit-limit-tokens": "200000"})
+    limiter.observe("gpt-4o:abc123", {"x-ratelimit-limit-requests": "9"})
+    assert limiter.learnt("gpt-4o-mini:") == Limits(rpm=500, tpm=200_000)
+    assert limiter.learnt("gpt-4o:") == Limits(rpm=9)
+    assert limiter.learnt("gpt-4.1:") == Limits()
