@@ -430,14 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--json", action="store_true", help="one JSON document for scripts")
     estimate.set_defaults(handler=cmd_estimate)
 
-    status = commands.add_parser("status", help="counts by state, tokens, pace, time left")
+    status = commands.add_parser("status", help="counts by state, tokens, pace, spend (vs cap), batches, time left")
     status.add_argument("name")
     status.add_argument("--watch", action="store_true", help="follow live until the sweep ends")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     status.add_argument("--json", action="store_true", help="one JSON document for scripts")
     status.set_defaults(handler=cmd_status)
 
-    listing = commands.add_parser("list", help="all sweeps")
+    listing = commands.add_parser("list", help="all sweeps, with their spend")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list)
 
