@@ -61,6 +61,7 @@ class Estimate:
     seconds_online: float | None
     batch_window_hours: int = BATCH_WINDOW_HOURS
     max_cost_usd: float | None = None
+    exact_input: bool = True  # False for models OpenAI's vocabularies do not cover (local models)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,11 +138,29 @@ def estimate(
         rpm=limits.rpm, tpm=limits.tpm, limits_from=source,
         seconds_online=duration_seconds(requests, used_tokens, limits),
         max_cost_usd=max_cost_usd,
+        exact_input=_known_encoding(model),
     )
+
+
+def _known_encoding(model: str) -> bool:
+    import bpe_openai
+
+    base = model.split(":")[1] if model.startswith("ft:") and model.count(":") >= 1 else model
+    try:
+        bpe_openai.encoding_name_for_model(base)
+    except KeyError:
+        return False
+    return True
 
 
 def _usd(value: float | None) -> str:
     return "n/a (no price for this model in the price table)" if value is None else f"${value:,.4f}"
+
+
+def _cost_line(mode: str, most: float | None, expected: float | None) -> str:
+    if most is None:
+        return f"  cost {mode}    {_usd(None)}"
+    return f"  cost {mode}    at most {_usd(most)}" + (f"; expected {_usd(expected)}" if expected is not None else "")
 
 
 def _duration(seconds: float) -> str:
@@ -161,12 +180,11 @@ def describe(est: Estimate) -> str:
     lines = [
         f"estimate for sweep {est.name} ({est.model}); nothing stored or sent",
         f"  requests       {est.requests:,} ({est.combinations:,} combinations x {est.repeats} repeats)",
-        f"  input tokens   {est.input_tokens:,} (counted exactly)",
+        f"  input tokens   {est.input_tokens:,} " + ("(counted exactly)" if est.exact_input else
+                                                      "(o200k_base: this model's own tokenizer may differ)"),
         f"  output tokens  at most {est.output_tokens_max:,}{expected}",
-        f"  cost online    at most {_usd(est.cost_online_max)}"
-        + (f"; expected {_usd(est.cost_online_expected)}" if est.cost_online_expected is not None else ""),
-        f"  cost batch     at most {_usd(est.cost_batch_max)}"
-        + (f"; expected {_usd(est.cost_batch_expected)}" if est.cost_batch_expected is not None else ""),
+        _cost_line("online", est.cost_online_max, est.cost_online_expected),
+        _cost_line("batch ", est.cost_batch_max, est.cost_batch_expected),
     ]
     if est.seconds_online is not None:
         limits = ", ".join(f"{v:,} {k}" for k, v in (("RPM", est.rpm), ("TPM", est.tpm)) if v)
