@@ -155,6 +155,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     name = _sweep_name(args, config)
     if args.config is None:
         print(f"config: the bundled sweeps/{bundled}", file=sys.stderr, flush=True)
+    from gridtune.localmodel import is_local_model
+
+    if is_local_model(config.model.name) and (args.batch or (config.model.mode == "batch" and not args.online)):
+        raise UserError(f"batch mode needs a provider's /v1/batches; the local model {config.model.name} is "
+                        "served online only: drop --batch / mode = \"batch\"")
     local_model = _check_local_models(config)
     if args.max_cost is not None or config.model.max_cost_usd is not None:
         from worker.spend import require_price

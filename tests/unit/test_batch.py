@@ -275,3 +275,12 @@ def test_a_refused_batch_fails_its_requests_with_the_reason_and_auth_stops_the_s
     for other in store.open_batches(ctx.engine, sweep.id):
         batch_mode.submit(ctx, other.id)
     assert len(rows(ctx, sweep)) == 12 and {r.error_kind for r in rows(ctx, sweep).values()} == {"auth", "stopped"}
+
+
+def test_batch_mode_is_refused_for_a_local_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
+    path = tmp_path / "local.toml"
+    path.write_text(CONFIG.replace('"gpt-4o-mini"', '"smollm2-135m"'), encoding="utf-8")
+    assert main(["sweep", "--config", str(path), "--batch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "batch mode needs a provider's /v1/batches" in err[-1]
