@@ -69,6 +69,8 @@ class Generation(Base):
     prompt: Mapped[str] = mapped_column(Text)
     input_text: Mapped[str] = mapped_column(Text)
     response_text: Mapped[str | None] = mapped_column(Text)
+    # The provider's refusal text (`message.refusal`), kept even when it also sent some content.
+    refusal: Mapped[str | None] = mapped_column(Text)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     model: Mapped[str | None] = mapped_column(String(200))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Iterator, TypeVar
@@ -25,6 +26,41 @@ from models.schema import (
 )
 
 T = TypeVar("T")
+
+
+# --- text a provider sends, made storable --------------------------------------------------------
+_UNSTORABLE = re.compile("[\ud800-\udfff\x00]")  # lone surrogates and NUL
+
+
+def storable(value: Any) -> Any:
+    """`value` with every string made storable by both databases, recursively through dicts/lists.
+
+    A provider can send text that is not valid Unicode for UTF-8 codecs (lone surrogates such as
+    "\\ud800", decoded from JSON escapes) or NUL characters (PostgreSQL text refuses them). Each
+    such character becomes U+FFFD, so a paid response is stored instead of failing as `internal`.
+    """
+    if isinstance(value, str):
+        if value.isascii() and "\x00" not in value:
+            return value
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
+
+
+def _fitted(table: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """storable() values, with strings cut to their column's length (a long invented finish_reason)."""
+    fitted = {}
+    for name, value in values.items():
+        value = storable(value)
+        column = table.__table__.columns.get(name)
+        length = getattr(getattr(column, "type", None), "length", None)
+        if isinstance(value, str) and length and len(value) > length:
+            value = value[:length]
+        fitted[name] = value
+    return fitted
 
 
 # --- sweeps -------------------------------------------------------------------------------------
@@ -157,7 +193,7 @@ def insert_generation(engine: Engine, values: dict[str, Any]) -> bool:
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement = (
         dialect.insert(Generation)
-        .values(**values)
+        .values(**_fitted(Generation, values))
         .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])
         .returning(Generation.id)  # rowcount is not reliable here on psycopg; a returned id is
     )
@@ -329,12 +365,13 @@ def list_jobs(engine: Engine) -> list[tuple[FinetuneJob, str]]:
 
 def update_job(engine: Engine, job_id: int, **values: Any) -> None:
     with session_scope(engine) as session:
-        session.execute(update(FinetuneJob).where(FinetuneJob.id == job_id).values(**values))
+        session.execute(update(FinetuneJob).where(FinetuneJob.id == job_id).values(**_fitted(FinetuneJob, values)))
 
 
 def set_status(engine: Engine, job_id: int, status: str, detail: str | None = None, **values: Any) -> FinetuneJob:
     """Change a job's status (and other columns); a change is an event; a final status ends the sweep."""
-    detail = detail or values.get("error_message")
+    values = _fitted(FinetuneJob, values)
+    detail = storable(detail or values.get("error_message"))
     with session_scope(engine) as session:
         job = session.get(FinetuneJob, job_id, with_for_update=True)
         previous = job.status
@@ -403,8 +440,9 @@ def add_event(
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement = (
         dialect.insert(FinetuneEvent)
-        .values(job_id=job_id, message=message, level=level, data=data, provider_event_id=provider_event_id,
-                created_at=created_at or utcnow())
+        .values(**_fitted(FinetuneEvent, dict(
+            job_id=job_id, message=message, level=level, data=data, provider_event_id=provider_event_id,
+            created_at=created_at or utcnow())))
         .on_conflict_do_nothing(index_elements=["job_id", "provider_event_id"])
         .returning(FinetuneEvent.id)
     )

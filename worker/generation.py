@@ -7,6 +7,7 @@ inline would hold a worker slot too long. It never raises for API trouble, so th
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from gridtune.errors import UserError
 from gridtune.sweep import Request, SweepConfig, request_at
 from models import RowState, SweepState, store
 from models.schema import utcnow
-from worker import llm
+from worker import health, llm
 from worker.context import WorkerContext
 from worker.tokens import count_messages, encoding_name
 
@@ -130,24 +131,35 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
 
         attempts += 1
         began = time.monotonic()
+        completion = None
         try:
             raw = client.chat.completions.with_raw_response.create(**params)
             ctx.limiter.observe(key, raw.headers)
             completion = raw.parse()
+            # A 2xx is not always a completion: some gateways answer 200 {"error": {...}}.
+            failure = llm.completion_problem(json.loads(raw.content), raw.headers)
         except Exception as exc:  # noqa: BLE001 - every failure is classified below
             response = getattr(exc, "response", None)
             if response is not None:
                 ctx.limiter.observe(key, response.headers)
-            ctx.limiter.settle(key, reserved, 0)  # a refused or failed call used no tokens
             failure = llm.classify(exc)
+        if failure is not None:
+            ctx.limiter.settle(key, reserved, 0)  # a refused or failed call used no tokens
             if failure.kind == "rate_limited":
                 rate_limited += 1
                 wait = failure.retry_after if failure.retry_after else llm.backoff(rate_limited, settings.backoff_cap)
                 ctx.limiter.cool_down(key, wait)  # the whole cluster pauses, not just this task
                 give_up = rate_limited >= settings.max_attempts * 4
+                endpoint_dead = None
             else:
                 wait = failure.retry_after if failure.retry_after else llm.backoff(attempts, settings.backoff_cap)
                 give_up = not failure.retryable or attempts - rate_limited >= settings.max_attempts
+                endpoint_dead = health.failed(ctx, sweep, failure)
+            if endpoint_dead:
+                # Every recent request failed the same way: stop the sweep now, as for an auth failure.
+                if store.stop_sweep(engine, sweep_id, llm.redact(endpoint_dead, settings)):
+                    log.error("sweep %s stopped: %s", sweep.name, llm.redact(endpoint_dead, settings))
+                return fail(failure.kind, failure.message + f" (attempt {attempts}; the sweep was stopped)")
             if give_up:
                 if failure.stops_sweep and store.stop_sweep(engine, sweep_id, llm.redact(failure.message, settings)):
                     log.error("sweep %s stopped: %s", sweep.name, llm.redact(failure.message, settings))
@@ -160,22 +172,37 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
             time.sleep(wait)
             continue
 
+        health.succeeded(ctx, sweep)
         latency_ms = (time.monotonic() - began) * 1000
         usage = completion.usage
         if usage is not None:
             ctx.limiter.settle(key, reserved, usage.total_tokens)
-        choice = completion.choices[0] if completion.choices else None
-        content = choice.message.content if choice is not None else None
+        choice = completion.choices[0]
+        message = choice.message
+        content = _text(getattr(message, "content", None))
+        refusal = _text(getattr(message, "refusal", None)) or None
         common = dict(
-            model=completion.model, finish_reason=choice.finish_reason if choice else None,
+            model=completion.model, finish_reason=choice.finish_reason, refusal=refusal,
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             latency_ms=round(latency_ms, 1), attempts=attempts, rate_limited=rate_limited, started_at=started,
         )
-        if not content:
+        if not content and refusal:
+            values = _row(sweep_id, request, state=RowState.FAILED, error_kind="refused",
+                          error=f"the model refused: {refusal}", response_text=None, **common)
+        elif not content:
             values = _row(sweep_id, request, state=RowState.FAILED, error_kind="empty",
-                          error="the model returned no text", response_text=content, **common)
+                          error="the model returned no text", response_text=None, **common)
         else:
             values = _row(sweep_id, request, state=RowState.OK, response_text=content, **common)
         stored = _store(ctx, values)
         return Outcome(attempts=attempts, rate_limited=rate_limited, stored=stored)
+
+
+def _text(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of content parts (some servers)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" if isinstance(part, dict) else str(part) for part in content)
+    return ""

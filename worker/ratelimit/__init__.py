@@ -23,10 +23,12 @@ The algorithm (GCRA, in the `.lua` files next to this module) guarantees, per bu
 fewer remain than the burst our schedule would allow now, only those are admitted. The
 `x-ratelimit-reset-*` headers add nothing to that (reset = what is used / the rate), and reading
 remaining/reset as a backlog to wait out throttles a client that paces at exactly the limit.
-`parse_go_duration` reads them, and the "try again in 6.596s" of a 429, for callers.
+`parse_go_duration` reads them; `wait_hint_seconds` is the one reader of every wait a refused
+request asks for (retry-after-ms, retry-after, "try again in 1m30s").
 """
 
-from .durations import parse_go_duration
+from .durations import parse_go_duration, wait_hint_seconds
 from .limiter import IDLE_EXPIRY_SECONDS, Limiter, Limits, NullLimiter, RateLimiter
 
-__all__ = ["IDLE_EXPIRY_SECONDS", "Limiter", "Limits", "NullLimiter", "RateLimiter", "parse_go_duration"]
+__all__ = ["IDLE_EXPIRY_SECONDS", "Limiter", "Limits", "NullLimiter", "RateLimiter", "parse_go_duration",
+           "wait_hint_seconds"]
