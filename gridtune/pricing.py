@@ -5,16 +5,29 @@ from __future__ import annotations
 import re
 import tomllib
 from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 
+from gridtune.errors import UserError
+from gridtune.files import bundled, read_text
 from gridtune.settings import get_settings
 
 
 @lru_cache(maxsize=4)
 def _table(path: str | None) -> dict[str, dict[str, float]]:
-    data = Path(path).read_bytes() if path else resources.files("gridtune").joinpath("prices.toml").read_bytes()
-    return tomllib.loads(data.decode())["models"]
+    """The price table: {model: {"input", "output", "training": USD per 1M tokens}}; UserError if unusable."""
+    source = path or str(bundled("prices.toml"))
+    text = read_text(source, "TOML price table")
+    try:
+        table = tomllib.loads(text)["models"]
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{source} (GRIDTUNE_PRICES): not valid TOML: {exc}") from None
+    except KeyError:
+        raise UserError(f"{source} (GRIDTUNE_PRICES): no [models] table") from None
+    for model, row in table.items():
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+                                                for k in ("input", "output")):
+            raise UserError(f"{source} (GRIDTUNE_PRICES): models.{model} needs numbers `input` and `output` "
+                            "(USD per 1M tokens)")
+    return table
 
 
 def price(model: str) -> dict[str, float] | None:

@@ -14,13 +14,13 @@ import string
 import tomllib
 from dataclasses import dataclass
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gridtune.errors import ConfigError
+from gridtune.errors import ConfigError, UserError
+from gridtune.files import bundled as package_file, read_text
 
 Scalar = str | int | float | bool
 
@@ -212,6 +212,10 @@ def parse_config(text: str, source: str = "config", max_requests: int | None = N
         template = getattr(config.templates, label)
         if template is not None:
             check_template(label, template, config.dimensions)
+    from gridtune.backend_rules import config_problems
+
+    if problems := config_problems(config):
+        raise ConfigError(f"{source}: " + "; ".join(problems))
     if max_requests is not None and config.total_requests > max_requests:
         raise ConfigError(
             f"{source}: the grid has {config.total_requests:,} requests "
@@ -223,24 +227,19 @@ def parse_config(text: str, source: str = "config", max_requests: int | None = N
 
 def load_config(path: str | Path | None = None, max_requests: int | None = None,
                 bundled: str = DEFAULT_CONFIG) -> SweepConfig:
-    """Load a sweep config file; None = the shipped `bundled` one (the tutorial's 294 requests)."""
+    """Load a sweep config file; None = the shipped `bundled` one (the tutorial's 294 requests).
+
+    The file is read by `gridtune.files.read_text` (UTF-8, or any UTF with a byte-order mark);
+    every problem is a ConfigError naming the file.
+    """
     if path is None:
-        data = resources.files("gridtune").joinpath("sweeps", bundled).read_bytes()
-        source = f"sweeps/{bundled}"
+        file, source = package_file("sweeps", bundled), f"sweeps/{bundled}"
     else:
-        source = str(path)
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such file") from None
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-    if b"\x00" in data:
-        raise ConfigError(f"{source}: this is a binary file, not a TOML sweep config")
+        file, source = Path(path), str(path)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}): save the file as UTF-8") from None
+        text = read_text(file, "TOML sweep config")
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
     return parse_config(text, source, max_requests)
 
 

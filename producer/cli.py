@@ -87,6 +87,7 @@ def _check_local_models(config) -> str | None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from gridtune.backend_rules import grid_problems
     from gridtune.sweep import load_config
     from producer import progress
     from producer.enqueue import enqueue_sweep
@@ -95,6 +96,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = get_settings()
     bundled = _default_config(settings, args.simulated)
     config = load_config(args.config, max_requests=settings.max_requests, bundled=bundled)
+    if problems := grid_problems(config):  # before anything is stored or sent
+        raise UserError(f"{args.config or f'sweeps/{bundled}'}: " + "; ".join(problems))
     name = args.name or config.name or (Path(args.config).stem if args.config else "superhero")
     if args.config is None:
         print(f"config: the bundled sweeps/{bundled}", file=sys.stderr, flush=True)
@@ -136,7 +139,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"gridtune: still running after {args.timeout}s; follow with `python -m producer status {name} --watch`",
               file=sys.stderr)
         return 1
-    return 0 if snap["state"] != "failed" else 1
+    return exit_code(snap)
+
+
+# A fine-tune that ended without a model (failed, cancelled, refused) fails the command too.
+FINETUNE_FAILURES = ("failed", "cancelled", "unavailable")
+
+
+def exit_code(snap: dict) -> int:
+    """0 when the sweep ended well: not `failed`, and its fine-tune (if any) did not fail."""
+    if snap["state"] == "failed":
+        return 1
+    job = snap.get("finetune")
+    return 1 if job and job["status"] in FINETUNE_FAILURES else 0
 
 
 def _sample_tuned(engine, name: str) -> str | None:
@@ -334,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        get_settings()  # every environment variable is checked before any command runs
         return args.handler(args)
     except UserError as exc:
         print(f"gridtune: error: {exc}", file=sys.stderr)

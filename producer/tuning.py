@@ -60,6 +60,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         job = send_to_workers(engine, sweep, dataset.id, printer, args.wait, args.timeout)
         if job is None:
             return 0
+    from worker.finetune import REFUSED_LOCALLY
+
+    if job.error_code == REFUSED_LOCALLY:  # the backend's rules, checked before any upload
+        raise UserError(f"fine-tune of {sweep.name} {job.error_message}")
     print(describe_outcome(job, sweep.name))
     return 0 if job.status in (JobStatus.SUCCEEDED, JobStatus.SKIPPED) else 1
 
