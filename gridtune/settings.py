@@ -92,6 +92,13 @@ class Settings(BaseSettings):
             raise ValueError(f"not a URL gridtune can use (expected {expected}...)")
         return value
 
+    @field_validator("prices_path")
+    @classmethod
+    def _prices_file(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError("no such file (a TOML price table like gridtune/prices.toml)")
+        return path
+
     @property
     def embedded(self) -> bool:
         return not self.broker_url
@@ -144,7 +151,7 @@ def load_settings(**overrides) -> Settings:
         for error in exc.errors():
             variable = _variable(error["loc"])
             # Values are echoed except secrets and URLs (a URL may carry a password).
-            secret = "KEY" in variable or "URL" in variable or "BACKEND" in variable
+            secret = any(word in variable for word in ("KEY", "URL", "BACKEND"))
             shown = "" if secret or error.get("input") is None else f"={str(error['input'])[:80]}"
             message = error["msg"].removeprefix("Value error, ")
             message = (message.replace("Input should be", "must be").replace("greater than or equal to", "at least")

@@ -41,12 +41,17 @@ class Templates(_Section):
 
 class ModelSettings(_Section):
     name: str = "gpt-4o-mini"
-    temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    # Sampling parameters are sent only when the config sets them (unset: the server's default),
+    # so a server that does not know one never sees it.
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     max_output_tokens: int = Field(500, ge=1)
-    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
+    # Server-specific request fields, sent as they are (the SDK's extra_body), e.g. a self-hosted
+    # server's own switch for sampling: [model.extra_body] do_sample = true
+    extra_body: dict[str, Any] | None = None
     # Newer models take max_completion_tokens; some compatible servers only know max_tokens.
     token_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
     # The provider's limits for this model; unset = learnt from x-ratelimit-* headers.
@@ -54,6 +59,16 @@ class ModelSettings(_Section):
     tpm: int | None = Field(None, ge=1)
     # Up to 4 sequences that end an answer (not included in it); the answer counts as whole.
     stop: list[str] | None = Field(None, min_length=1, max_length=4)
+
+    @field_validator("extra_body")
+    @classmethod
+    def _no_standard_fields(cls, body: dict[str, Any] | None) -> dict[str, Any] | None:
+        standard = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                    "frequency_penalty", "presence_penalty", "seed", "stop", "stream"}
+        if body and (clash := sorted(standard & set(body))):
+            raise ValueError(f"{', '.join(clash)} cannot be set here: use the [model] key of that name "
+                             "(stream is not supported)")
+        return body
 
 
 class DatasetSettings(_Section):
@@ -156,7 +171,11 @@ class SweepConfig(_Section):
 
 
 def check_template(label: str, template: str, dimensions: dict[str, list[Scalar]]) -> None:
-    """Only plain `{dimension}` fields (with an optional format spec) are allowed."""
+    """Only plain `{dimension}` fields are allowed: no conversion (`!r`), no format spec (`:>10`).
+
+    A value is inserted as it is written in the config; conversions and specs would change the
+    text the model sees in ways the config does not show (`{a!r}` adds quotes). ConfigError if not.
+    """
     try:
         fields = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -179,8 +198,10 @@ def check_template(label: str, template: str, dimensions: dict[str, list[Scalar]
                 f"templates.{label}: {{{field}}} is not a declared dimension "
                 f"(declared: {', '.join(dimensions)})"
             )
-        if spec and "{" in spec:
-            raise ConfigError(f"templates.{label}: nested fields in a format spec are not allowed")
+        if _conversion or spec:
+            written = f"{{{field}{'!' + _conversion if _conversion else ''}{':' + spec if spec else ''}}}"
+            raise ConfigError(f"templates.{label}: {written} is not allowed: write {{{field}}} (no conversion "
+                              "or format spec; values are inserted as written)")
     # Format specs must suit every value of their dimension: try each value once.
     longest = max(len(v) for v in dimensions.values())
     for i in range(longest):
@@ -192,11 +213,20 @@ def check_template(label: str, template: str, dimensions: dict[str, list[Scalar]
 
 
 def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    message = first["msg"].removeprefix("Value error, ")
-    more = len(error.errors()) - 1
-    return f"{where}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    """Every problem, on one line: "repeats: must be ...; templates: Field required"."""
+    problems = []
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "config"
+        message = problem["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        if problem["type"] == "missing" and len(problem["loc"]) == 1:
+            message = f"missing (add a [{where}] table)" if where in ("dimensions", "templates") else "missing"
+        elif problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif problem["type"] in ("int_type", "float_type", "bool_type", "string_type") and "input" in problem:
+            message += f" (got {problem['input']!r}: write it without quotes)" if isinstance(problem["input"], str) \
+                else f" (got {problem['input']!r})"
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
 
 
 def parse_config(text: str, source: str = "config", max_requests: int | None = None) -> SweepConfig:
@@ -205,13 +235,17 @@ def parse_config(text: str, source: str = "config", max_requests: int | None = N
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     try:
-        config = SweepConfig.model_validate(raw)
+        # Strict: "3" is not 3, and 1 is not true. A value of the wrong type is refused, not coerced.
+        config = SweepConfig.model_validate(raw, strict=True)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     for label in ("prompt", "input", "system"):
         template = getattr(config.templates, label)
         if template is not None:
-            check_template(label, template, config.dimensions)
+            try:
+                check_template(label, template, config.dimensions)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
     from gridtune.backend_rules import config_problems
 
     if problems := config_problems(config):

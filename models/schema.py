@@ -106,6 +106,10 @@ class Dataset(Base):
     # What was left out and why: {"failed": n, "truncated": n, "duplicates": n, "too_long": n}
     dropped: Mapped[dict[str, Any]]
     encoding: Mapped[str] = mapped_column(String(32))
+    # Distinct inputs with a whole answer, and those answered more than once always identically
+    # (a server that ignores sampling settings).
+    inputs: Mapped[int | None] = mapped_column(Integer)
+    identical_inputs: Mapped[int | None] = mapped_column(Integer)
 
 
 class JobStatus:

@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gridtune.errors import UserError
 from gridtune.sweep import SweepConfig, config_from_snapshot
-from models.db import session_scope
+from models.db import describe_database, session_scope
 from models.schema import (
     Dataset,
     FinetuneEvent,
@@ -74,8 +74,9 @@ def get_sweep(engine: Engine, name: str) -> Sweep:
     if sweep is None:
         with session_scope(engine) as session:
             known = session.scalars(select(Sweep.name).order_by(Sweep.id.desc()).limit(10)).all()
-        hint = f" (known: {', '.join(known)})" if known else " (no sweeps yet: run `python -m producer sweep`)"
-        raise UserError(f"no sweep named {name!r}{hint}")
+        hint = (f" (known: {', '.join(known)})" if known
+                else " (no sweeps yet there: run `python -m producer sweep`, or set DATABASE_URL)")
+        raise UserError(f"no sweep named {name!r} in {describe_database(engine)}{hint}")
     return sweep
 
 

@@ -98,13 +98,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = load_config(args.config, max_requests=settings.max_requests, bundled=bundled)
     if problems := grid_problems(config):  # before anything is stored or sent
         raise UserError(f"{args.config or f'sweeps/{bundled}'}: " + "; ".join(problems))
-    name = args.name or config.name or (Path(args.config).stem if args.config else "superhero")
+    name = args.sweep_name = args.name or config.name or (Path(args.config).stem if args.config else "superhero")
     if args.config is None:
         print(f"config: the bundled sweeps/{bundled}", file=sys.stderr, flush=True)
     local_model = _check_local_models(config)
     engine = _engine()
     _check_broker(app)
     wait = args.wait or settings.embedded
+    if settings.embedded and not args.verbose:
+        # The in-process worker's warnings and errors all end in rows and the summary below;
+        # logging them too would print each of them twice.
+        logging.getLogger("worker").setLevel(logging.CRITICAL)
     with _embedded_runtime(local_model) if settings.embedded else ExitStack():
         print(f"sweep {name}: {config.total_requests:,} requests "
               f"({config.combinations:,} combinations x {config.repeats} repeats)", file=sys.stderr, flush=True)
@@ -133,6 +137,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         progress.dump_json(snap)
     else:
         print(progress.describe(snap))
+        _print_after_sweep(engine, name)
         if sample:
             print(sample)
     if not progress.is_finished(snap):
@@ -140,6 +145,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return exit_code(snap)
+
+
+def _print_after_sweep(engine, name: str) -> None:
+    """Where the database and the dataset files are, notes on the counts, and the next command."""
+    from producer.summary import after_sweep
+
+    print("\n".join(after_sweep(engine, name)))
 
 
 # A fine-tune that ended without a model (failed, cancelled, refused) fails the command too.
@@ -239,8 +251,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from models import store
+    from models.db import describe_database
 
-    sweeps = store.list_sweeps(_engine())
+    engine = _engine()
+    sweeps = store.list_sweeps(engine)
     if args.json:
         print(json.dumps([{"name": s.name, "state": s.state, "total": s.total_requests,
                            "created_at": s.created_at.isoformat()} for s in sweeps], indent=2))
@@ -248,27 +262,32 @@ def cmd_list(args: argparse.Namespace) -> int:
     for s in sweeps:
         print(f"{s.name:30} {s.state:15} {s.total_requests:>10,} requests  created {s.created_at:%Y-%m-%d %H:%M}")
     if not sweeps:
-        print("no sweeps yet: run `python -m producer sweep`", file=sys.stderr)
+        print(f"no sweeps yet in {describe_database(engine)}: run `python -m producer sweep`, "
+              "or point DATABASE_URL at the database that has them", file=sys.stderr)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from models import RowState, store
-    from worker.dataset import chat_example, legacy_example
+    from worker.dataset import chat_example, incomplete_reason, legacy_example
 
-    if not (args.csv or args.jsonl):
-        raise UserError("say what to write: --csv PATH and/or --jsonl PATH")
+    if not (args.csv or args.jsonl or args.training_set):
+        raise UserError("say what to write: --csv PATH, --jsonl PATH and/or --training-set PATH")
     engine = _engine()
     sweep = store.get_sweep(engine, args.name)
     config = store.sweep_config(sweep)
-    written = 0
+    if args.training_set:
+        _export_training_set(engine, sweep, args.training_set)
+    if not (args.csv or args.jsonl):
+        return 0
+    written = lines = 0
     with ExitStack() as stack:
         csv_writer = jsonl = None
         if args.csv:
             handle = stack.enter_context(_open_out(args.csv))
-            names = list(config.dimensions)
             # The tutorial's columns, with this sweep's dimensions in place of age/gender/power.
-            columns = names + ["prompt", "sub_prompt", "response_txt", "finish_reason", "state", "error"]
+            columns = list(config.dimensions) + ["prompt", "sub_prompt", "response_txt", "finish_reason", "state",
+                                                 "error"]
             csv_writer = csv.writer(handle)
             csv_writer.writerow(columns)
         if args.jsonl:
@@ -278,13 +297,40 @@ def cmd_export(args: argparse.Namespace) -> int:
                 csv_writer.writerow([row.params.get(n) for n in config.dimensions] + [
                     row.prompt, row.input_text, row.response_text or "", row.finish_reason or "",
                     row.state, row.error or ""])
-            if jsonl and row.state == RowState.OK and row.response_text:
+            # Whole answers only: an incomplete one (truncated, filtered) is never a training line.
+            if (jsonl and row.state == RowState.OK and row.response_text
+                    and not incomplete_reason(row.finish_reason)):
                 example = (legacy_example(row.input_text, row.response_text) if args.legacy
                            else chat_example(config, row.input_text, row.response_text))
                 jsonl.write(json.dumps(example, ensure_ascii=False) + "\n")
+                lines += 1
             written += 1
-    print(f"exported {written:,} rows of {sweep.name}", file=sys.stderr)
+    if args.csv:
+        print(f"exported {written:,} rows of {sweep.name} to {args.csv}", file=sys.stderr)
+    if args.jsonl:
+        dataset = store.latest_dataset(engine, sweep.id)
+        training = (f"the training set has {dataset.train_examples:,} examples: --training-set PATH writes it"
+                    if dataset else "no training set yet")
+        print(f"exported {lines:,} lines to {args.jsonl}: one per whole ok answer, duplicates included, "
+              f"no split ({training})", file=sys.stderr)
     return 0
+
+
+def _export_training_set(engine, sweep, path: str) -> None:
+    """Copy the finalizer's train.jsonl (deduplicated, validated, what is uploaded) to `path`."""
+    from models import store
+
+    dataset = store.latest_dataset(engine, sweep.id)
+    if dataset is None:
+        raise UserError(f"sweep {sweep.name} has no training set yet (state {sweep.state})")
+    try:
+        data = Path(dataset.train_path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {dataset.train_path}: {exc.strerror}; run the sweep again to rebuild it") from None
+    with _open_out(path) as handle:
+        handle.write(data.decode("utf-8"))
+    print(f"exported the training set of {sweep.name} to {path}: {dataset.train_examples:,} examples "
+          f"(validation: {dataset.validation_examples:,} in {dataset.validation_path or 'none'})", file=sys.stderr)
 
 
 @contextmanager
@@ -294,6 +340,22 @@ def _open_out(path: str):
             yield handle
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What to run after Ctrl-C: the same command, or `finetune` when the fine-tune step was cut."""
+    name = getattr(args, "sweep_name", None)
+    if args.command == "sweep" and name:
+        try:
+            from models import SweepState, store
+
+            state = store.get_sweep(_engine(), name).state
+        except Exception:  # noqa: BLE001 - a hint must not raise
+            state = None
+        if state in (SweepState.DATASET_READY, SweepState.FINETUNING):
+            return (f"the requests are done; the fine-tune step was cut: `python -m producer finetune {name}` "
+                    "runs it again (`python -m producer jobs` shows it)")
+    return "re-run the same command to resume"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a sweep's rows as CSV and/or training JSONL")
     export.add_argument("name")
     export.add_argument("--csv", help="the tutorial's columns, one row per request")
-    export.add_argument("--jsonl", help="chat-format training lines for every ok row")
+    export.add_argument("--jsonl", help="a chat-format line for every whole ok answer (duplicates included, no split)")
+    export.add_argument("--training-set", help="the finalizer's train.jsonl: deduplicated and validated, what is uploaded")
     export.add_argument("--legacy", action="store_true", help="with --jsonl: prompt/completion form (' ->', ' END')")
     export.set_defaults(handler=cmd_export)
 
@@ -355,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gridtune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("gridtune: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(f"gridtune: interrupted; {_resume_hint(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0  # the reader went away (`| head`): not an error

@@ -235,6 +235,26 @@ def write_dataset(
                           inputs=len(answers), identical_inputs=repeated)
 
 
+def likely_causes(dropped: dict[str, int], inputs: int | None, identical_inputs: int | None) -> list[str]:
+    """What the drop counts say about the sweep, each with its likely cause (for summaries).
+
+    dropped: the finalizer's counts; inputs / identical_inputs: see DatasetSummary.
+    """
+    causes = []
+    answered = sum(n for why, n in dropped.items() if why != "failed") + (inputs or 0)
+    if identical_inputs and inputs and identical_inputs * 2 > inputs:
+        causes.append(f"{identical_inputs} of {inputs} inputs got the same answer on every repeat: the server "
+                      "probably ignores temperature/top_p/seed (some need a field of their own to sample: "
+                      "set it under [model.extra_body])")
+    truncated = dropped.get("truncated", 0)
+    if truncated and truncated * 2 > answered:
+        causes.append(f"{truncated} answers were cut at [model] max_output_tokens: raise it")
+    incomplete = {why: n for why, n in dropped.items() if n and (why == "content_filter" or why.startswith("finish_reason="))}
+    if incomplete:
+        causes.append("incomplete answers left out: " + ", ".join(f"{n} {why}" for why, n in incomplete.items()))
+    return causes
+
+
 @dataclass(frozen=True)
 class FinalizeResult:
     state: str
@@ -270,6 +290,8 @@ def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
             f"{'' if needed == config.dataset.min_examples else f' by the {config.finetune.backend} backend'}); "
             f"dropped: {dropped}"
         )
+        if causes := likely_causes(summary.dropped, summary.inputs, summary.identical_inputs):
+            message += "; " + "; ".join(causes)
         if sweep.stop_reason:
             message += f"; the sweep was stopped: {sweep.stop_reason}"
         store.set_sweep_state(engine, sweep_id, SweepState.FAILED, message)
@@ -289,6 +311,8 @@ def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
             validation_sha256=summary.validation.sha256 if summary.validation else None,
             dropped=summary.dropped,
             encoding=summary.encoding,
+            inputs=summary.inputs,
+            identical_inputs=summary.identical_inputs,
         )
         session.add(dataset)
         session.flush()

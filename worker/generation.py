@@ -47,11 +47,15 @@ def build_messages(config: SweepConfig, prompt: str) -> list[dict[str, str]]:
 
 
 def request_params(config: SweepConfig, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The keyword arguments of chat.completions.create: model, messages, the token limit, the
+    sampling parameters the config sets (no others) and `extra_body` when the config has one."""
     model = config.model
     params: dict[str, Any] = {"model": model.name, "messages": messages, model.token_param: model.max_output_tokens}
     for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed", "stop"):
-        if (value := getattr(model, name)) is not None:
+        if (value := getattr(model, name)) is not None:  # only what the config sets
             params[name] = value
+    if model.extra_body:
+        params["extra_body"] = dict(model.extra_body)  # server-specific fields, merged into the JSON body
     return params
 
 
