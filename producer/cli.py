@@ -149,9 +149,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _print_after_sweep(engine, name: str) -> None:
     """Where the database and the dataset files are, notes on the counts, and the next command."""
+    from producer.progress import wrap
     from producer.summary import after_sweep
 
-    print("\n".join(after_sweep(engine, name)))
+    print(wrap(after_sweep(engine, name)))
 
 
 # A fine-tune that ended without a model (failed, cancelled, refused) fails the command too.
