@@ -92,6 +92,13 @@ class Settings(BaseSettings):
             raise ValueError(f"not a URL gridtune can use (expected {expected}...)")
         return value
 
+    @field_validator("data_dir", "model_cache_dir")
+    @classmethod
+    def _a_folder(cls, path: Path) -> Path:
+        if path.exists() and not path.is_dir():
+            raise ValueError("exists and is not a folder")
+        return path
+
     @field_validator("prices_path")
     @classmethod
     def _prices_file(cls, path: Path | None) -> Path | None:

@@ -256,6 +256,7 @@ class SweepCounts:
     ok: int
     failed: int
     truncated: int
+    incomplete: int  # ok rows whose answer is not whole (any finish_reason but "stop"), truncated included
     rate_limited: int
     prompt_tokens: int
     completion_tokens: int
@@ -275,11 +276,14 @@ class SweepCounts:
 def sweep_counts(engine: Engine, sweep: Sweep) -> SweepCounts:
     with session_scope(engine) as session:
         base = select().select_from(Generation).where(Generation.sweep_id == sweep.id)
-        ok, failed, truncated, limited, ptok, ctok, first, last = session.execute(
+        ok, failed, truncated, incomplete, limited, ptok, ctok, first, last = session.execute(
             base.add_columns(
                 func.count().filter(Generation.state == RowState.OK),
                 func.count().filter(Generation.state == RowState.FAILED),
                 func.count().filter(Generation.finish_reason == "length"),
+                # worker.dataset.COMPLETE_FINISH_REASONS: only "stop" (or none at all) is whole
+                func.count().filter(Generation.state == RowState.OK, Generation.finish_reason.is_not(None),
+                                    Generation.finish_reason != "stop"),
                 func.coalesce(func.sum(Generation.rate_limited), 0),
                 func.coalesce(func.sum(Generation.prompt_tokens), 0),
                 func.coalesce(func.sum(Generation.completion_tokens), 0),
@@ -301,6 +305,7 @@ def sweep_counts(engine: Engine, sweep: Sweep) -> SweepCounts:
         ok=ok,
         failed=failed,
         truncated=truncated,
+        incomplete=incomplete,
         rate_limited=int(limited),
         prompt_tokens=int(ptok),
         completion_tokens=int(ctok),

@@ -49,6 +49,7 @@ def snapshot(engine: Engine, name: str, in_flight: int | None = None) -> dict[st
         "remaining": counts.missing,
         "in_flight": in_flight,
         "truncated": counts.truncated,
+        "incomplete": counts.incomplete,
         "rate_limited": counts.rate_limited,
         "prompt_tokens": counts.prompt_tokens,
         "completion_tokens": counts.completion_tokens,
@@ -101,7 +102,10 @@ def describe(snap: dict[str, Any], width: int | None = None) -> str:
         f"  requests  {snap['done']}/{snap['total']} done: {snap['ok']} ok, {snap['failed']} failed, "
         f"{snap['remaining']} to go" + (f", {snap['in_flight']} in flight" if snap["in_flight"] is not None else ""),
         f"  tokens    {snap['prompt_tokens']:,} prompt + {snap['completion_tokens']:,} completion; "
-        f"{snap['truncated']} truncated; {snap['rate_limited']} rate-limited (429) retries",
+        f"{snap['truncated']} truncated"
+        + (f", {snap['incomplete'] - snap['truncated']} otherwise incomplete (kept out of the dataset)"
+           if snap.get("incomplete", 0) > snap["truncated"] else "")
+        + f"; {snap['rate_limited']} rate-limited (429) retries",
         f"  pace      {snap['requests_per_minute'] or 0} requests/min, {snap['tokens_per_minute'] or 0} tokens/min; "
         f"cost so far {money}; time left {left}",
     ]

@@ -135,13 +135,13 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
 
         attempts += 1
         began = time.monotonic()
-        completion = None
+        body = None
         try:
             raw = client.chat.completions.with_raw_response.create(**params)
             ctx.limiter.observe(key, raw.headers)
-            completion = raw.parse()
+            body = json.loads(raw.content)  # not JSON: ValueError, classified as malformed below
             # A 2xx is not always a completion: some gateways answer 200 {"error": {...}}.
-            failure = llm.completion_problem(json.loads(raw.content), raw.headers)
+            failure = llm.completion_problem(body, raw.headers)
         except Exception as exc:  # noqa: BLE001 - every failure is classified below
             response = getattr(exc, "response", None)
             if response is not None:
@@ -178,17 +178,13 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
 
         health.succeeded(ctx, sweep)
         latency_ms = (time.monotonic() - began) * 1000
-        usage = completion.usage
-        if usage is not None:
-            ctx.limiter.settle(key, reserved, usage.total_tokens)
-        choice = completion.choices[0]
-        message = choice.message
-        content = _text(getattr(message, "content", None))
-        refusal = _text(getattr(message, "refusal", None)) or None
+        answer = read_completion(body)
+        if answer.total_tokens is not None:
+            ctx.limiter.settle(key, reserved, answer.total_tokens)
+        content, refusal = answer.content, answer.refusal
         common = dict(
-            model=completion.model, finish_reason=choice.finish_reason, refusal=refusal,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
+            model=answer.model, finish_reason=answer.finish_reason, refusal=refusal,
+            prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
             latency_ms=round(latency_ms, 1), attempts=attempts, rate_limited=rate_limited, started_at=started,
         )
         if not content and refusal:
@@ -203,10 +199,53 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         return Outcome(attempts=attempts, rate_limited=rate_limited, stored=stored)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a completion body says, every field of a usable type (None when absent or odd)."""
+
+    content: str
+    refusal: str | None
+    finish_reason: str | None
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+
+
+def read_completion(body: dict[str, Any]) -> Answer:
+    """The first choice and the usage of a chat.completion body (checked by llm.completion_problem).
+
+    Never raises, whatever the types inside: a paid response always becomes a row with its usage.
+    """
+    choice = body["choices"][0] if isinstance(body["choices"][0], dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    total = _count(usage.get("total_tokens"))
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    return Answer(
+        content=_text(message.get("content")),
+        refusal=_text(message.get("refusal")) or None,
+        finish_reason=None if choice.get("finish_reason") is None else str(choice["finish_reason"]),
+        model=None if body.get("model") is None else str(body["model"]),
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=total,
+    )
+
+
+def _count(value: Any) -> int | None:
+    """A token count as an int (servers send 12, 12.0 or "12"); None when it is not one."""
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if 0 <= number < 2**31 else None
+
+
 def _text(content: Any) -> str:
     """A message's text: a string, or the text parts of a list of content parts (some servers)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text") or "" if isinstance(part, dict) else str(part) for part in content)
+        return "".join(str(part.get("text") or "") if isinstance(part, dict) else str(part) for part in content)
     return ""

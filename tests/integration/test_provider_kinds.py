@@ -279,3 +279,22 @@ def test_a_success_breaks_the_streak(tmp_path):
             run_request(ctx, sweep.id, index)
     assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.RUNNING
     assert {row.state for row in rows(ctx, sweep).values()} == {RowState.OK}
+
+
+def test_odd_types_in_a_completion_still_make_a_row_with_its_usage(tmp_path):
+    odd = completion(None)
+    odd["choices"][0]["message"]["content"] = [{"type": "text", "text": "Part one, "}, {"type": "text", "text": "two."}]
+    odd["choices"][0]["finish_reason"] = 7
+    odd["model"] = 12
+    odd["usage"] = {"prompt_tokens": "20", "completion_tokens": 7.0}  # no total_tokens
+    weird_usage = completion("Fine.")
+    weird_usage["usage"] = "lots"
+    with ScriptedServer([Reply(200, odd), Reply(200, weird_usage)]) as server:
+        ctx = make_context(tmp_path, server.base_url)
+        sweep = new_sweep(ctx, 2)
+        for index in range(2):
+            run_request(ctx, sweep.id, index)
+    first, second = rows(ctx, sweep)[0], rows(ctx, sweep)[1]
+    assert first.state == RowState.OK and first.response_text == "Part one, two."
+    assert (first.finish_reason, first.model, first.prompt_tokens, first.completion_tokens) == ("7", "12", 20, 7)
+    assert second.state == RowState.OK and second.prompt_tokens is None

@@ -108,7 +108,9 @@ def test_a_failed_fine_tune_makes_sweep_exit_non_zero(tmp_path):
     ("CELERY_RESULT_BACKEND", "notaurl", "CELERY_RESULT_BACKEND: not a URL"),
     ("GRIDTUNE_REDIS_URL", "localhost:6379", "GRIDTUNE_REDIS_URL: not a URL gridtune can use (expected redis://"),
     ("OPENAI_BASE_URL", "localhost:8000/v1", "OPENAI_BASE_URL: not a URL gridtune can use (expected http://"),
-    ("GRIDTUNE_PRICES", "/nonexistent/prices.toml", "GRIDTUNE_PRICES"),
+    ("GRIDTUNE_PRICES", "/nonexistent/prices.toml", "GRIDTUNE_PRICES=/nonexistent/prices.toml: no such file"),
+    ("GRIDTUNE_DATA_DIR", "/etc/hostname", "GRIDTUNE_DATA_DIR=/etc/hostname: exists and is not a folder"),
+    ("GRIDTUNE_MODEL_CACHE", "/etc/hostname", "GRIDTUNE_MODEL_CACHE=/etc/hostname: exists and is not a folder"),
 ])
 def test_every_environment_variable_is_checked_at_start_up(tmp_path, variable, value, expected):
     code, err = cli(["list"], tmp_path, **{variable: value})
