@@ -82,8 +82,14 @@ def is_finished(snap: dict[str, Any]) -> bool:
 
 
 def wrap(lines: list[str], width: int | None = None) -> str:
-    """Lines fitted to the terminal: long ones continue under their text, never split mid-word."""
-    width = width or shutil.get_terminal_size((100, 24)).columns
+    """Lines fitted to the terminal: long ones continue under their text, never split mid-word.
+
+    Without `width`: the terminal's; output that is not a terminal (a pipe, a log) is not wrapped.
+    """
+    if width is None:
+        if not sys.stdout.isatty():
+            return "\n".join(lines)
+        width = shutil.get_terminal_size((100, 24)).columns
     out = []
     for line in lines:
         # "  label     text": continuation lines start under the text (column 12)
