@@ -77,13 +77,19 @@ def test_backend_rules_in_the_config_are_checked_at_load_time(section, expected)
 
 def test_a_failed_fine_tune_makes_sweep_exit_non_zero(tmp_path):
     config = write(tmp_path, GOOD.replace("age = [18, 30]", "age = [18, 30, 40, 50, 60]")
-                   .replace('backend = "none"', 'backend = "openai"').replace("min_examples = 4", "min_examples = 10"))
+                   .replace('backend = "none"', 'backend = "openai"')
+                   .replace("min_examples = 4", "min_examples = 10\nvalidation_fraction = 0"))
     with localapi.running(finetune_outcome="fail", finetune_step_seconds=0.05) as server:
-        code, err = cli(["sweep", "--config", config, "--name", "ft"], tmp_path, timeout=180,
-                        OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url,
-                        GRIDTUNE_FINETUNE_POLL_SECONDS="0.1", DATABASE_URL=f"sqlite:///{tmp_path}/g.db",
-                        GRIDTUNE_DATA_DIR=str(tmp_path / "data"))
-    assert code == 1, err
+        swept = subprocess.run([sys.executable, "-m", "producer", "sweep", "--config", config, "--name", "ft"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                               env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url,
+                                             GRIDTUNE_FINETUNE_POLL_SECONDS="0.1",
+                                             DATABASE_URL=f"sqlite:///{tmp_path}/g.db",
+                                             GRIDTUNE_DATA_DIR=str(tmp_path / "data")))
+    # The dataset was fine (10 examples), the provider's job failed: the command must say so.
+    assert "sweep ft: done" in swept.stdout and "fine-tune openai failed" in swept.stdout, swept.stdout + swept.stderr
+    assert swept.returncode == 1
+    assert "next      fix the cause above, then: python -m producer finetune ft" in swept.stdout
 
 
 # --- 8. every environment variable checked at start-up -------------------------------------------
