@@ -51,6 +51,18 @@ def _check_broker(app) -> None:
 
 
 @contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence `logger` (and its children) for the block."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+@contextmanager
 def _embedded_runtime(local_model: str | None) -> Iterator[None]:
     """Embedded mode: a local API server when there is no key (or the model is local), and an
     in-process worker."""
@@ -105,11 +117,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     engine = _engine()
     _check_broker(app)
     wait = args.wait or settings.embedded
-    if settings.embedded and not args.verbose:
-        # The in-process worker's warnings and errors all end in rows and the summary below;
-        # logging them too would print each of them twice.
-        logging.getLogger("worker").setLevel(logging.CRITICAL)
-    with _embedded_runtime(local_model) if settings.embedded else ExitStack():
+    with ExitStack() as stack:
+        if settings.embedded:
+            stack.enter_context(_embedded_runtime(local_model))
+            if not args.verbose:
+                # The in-process worker's warnings and errors all end in rows and the summary
+                # below; logging them too would print each of them twice.
+                stack.enter_context(_quiet("worker"))
         print(f"sweep {name}: {config.total_requests:,} requests "
               f"({config.combinations:,} combinations x {config.repeats} repeats)", file=sys.stderr, flush=True)
 

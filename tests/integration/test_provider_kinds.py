@@ -7,17 +7,17 @@ rows in PostgreSQL where storage matters (NUL and lone surrogates), else SQLite.
 from __future__ import annotations
 
 import json
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import pytest
+from sqlalchemy import select
 
 from gridtune.settings import Settings
 from gridtune.sweep import parse_config
 from models import RowState, SweepState, store
-from models.schema import Dataset
 from models.db import session_scope
-from sqlalchemy import select
+from models.schema import Dataset
 from tests.scripted import Reply, ScriptedServer, completion
 from worker.context import WorkerContext
 from worker.dataset import finalize_sweep

@@ -4,11 +4,8 @@ where things are and what to run next."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
