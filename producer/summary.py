@@ -31,7 +31,8 @@ def after_sweep(engine: Engine, name: str) -> list[str]:
         dropped = ", ".join(f"{n:,} {why}" for why, n in dataset.dropped.items() if n)
         if dropped:
             lines.append(f"  left out  {dropped}")
-        for cause in likely_causes(dataset.dropped, dataset.inputs, dataset.identical_inputs):
+        kept = dataset.train_examples + dataset.validation_examples
+        for cause in likely_causes(dataset.dropped, dataset.inputs, dataset.identical_inputs, kept):
             lines.append(f"  note      {cause}")
     job = store.latest_job(engine, sweep.id)
     example = request_at(config, 0).input_text

@@ -235,13 +235,16 @@ def write_dataset(
                           inputs=len(answers), identical_inputs=repeated)
 
 
-def likely_causes(dropped: dict[str, int], inputs: int | None, identical_inputs: int | None) -> list[str]:
+def likely_causes(dropped: dict[str, int], inputs: int | None, identical_inputs: int | None,
+                  kept: int = 0) -> list[str]:
     """What the drop counts say about the sweep, each with its likely cause (for summaries).
 
-    dropped: the finalizer's counts; inputs / identical_inputs: see DatasetSummary.
+    dropped: the finalizer's counts; inputs / identical_inputs: see DatasetSummary; kept: the
+    examples written (train + validation). Notes: most inputs answered identically on every repeat,
+    most answers truncated, and any other incomplete answers.
     """
     causes = []
-    answered = sum(n for why, n in dropped.items() if why != "failed") + (inputs or 0)
+    answered = sum(n for why, n in dropped.items() if why != "failed") + kept
     if identical_inputs and inputs and identical_inputs * 2 > inputs:
         causes.append(f"{identical_inputs} of {inputs} inputs got the same answer on every repeat: the server "
                       "probably ignores temperature/top_p/seed (some need a field of their own to sample: "
@@ -290,7 +293,8 @@ def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
             f"{'' if needed == config.dataset.min_examples else f' by the {config.finetune.backend} backend'}); "
             f"dropped: {dropped}"
         )
-        if causes := likely_causes(summary.dropped, summary.inputs, summary.identical_inputs):
+        kept = summary.train.examples + (summary.validation.examples if summary.validation else 0)
+        if causes := likely_causes(summary.dropped, summary.inputs, summary.identical_inputs, kept):
             message += "; " + "; ".join(causes)
         if sweep.stop_reason:
             message += f"; the sweep was stopped: {sweep.stop_reason}"

@@ -298,3 +298,21 @@ def test_odd_types_in_a_completion_still_make_a_row_with_its_usage(tmp_path):
     assert first.state == RowState.OK and first.response_text == "Part one, two."
     assert (first.finish_reason, first.model, first.prompt_tokens, first.completion_tokens) == ("7", "12", 20, 7)
     assert second.state == RowState.OK and second.prompt_tokens is None
+
+
+# --- 14. the finalizer names the likely cause when most answers were cut -------------------------
+def test_mostly_truncated_rows_are_named_with_the_likely_cause(tmp_path):
+    replies = [Reply(200, completion(f"Cut answer {i}", "length")) for i in range(5)]
+    with ScriptedServer(replies + [Reply(200, completion("Whole."))]) as server:
+        ctx = make_context(tmp_path, server.base_url)
+        sweep = new_sweep(ctx, 6)
+        for index in range(6):
+            run_request(ctx, sweep.id, index)
+    config_min = store.sweep_config(store.get_sweep_by_id(ctx.engine, sweep.id)).dataset.min_examples
+    assert config_min == 1
+    finalize_sweep(ctx, sweep.id)
+    from worker.dataset import likely_causes
+
+    dataset = dataset_of(ctx, sweep)
+    causes = likely_causes(dataset.dropped, dataset.inputs, dataset.identical_inputs, dataset.train_examples)
+    assert causes[0] == "5 answers were cut at [model] max_output_tokens: raise it"
