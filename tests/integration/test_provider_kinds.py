@@ -258,6 +258,20 @@ def test_connection_refused_stops_the_sweep_early_and_resume_works(tmp_path):
     assert store.get_sweep_by_id(fixed.engine, sweep.id).state == SweepState.RUNNING
 
 
+@pytest.mark.parametrize("kind", ["dns", "tls"])
+def test_dns_and_tls_failures_stop_the_sweep_early(tmp_path, kind):
+    with ScriptedServer([Reply(200, completion("never seen"))]) as server:
+        # .invalid never resolves (RFC 2606); https to a plain-HTTP server fails the TLS handshake.
+        base_url = "http://gridtune-no-such-host.invalid/v1" if kind == "dns" else server.base_url.replace("http:", "https:")
+        ctx = make_context(tmp_path, base_url, GRIDTUNE_DEAD_ENDPOINT_FAILURES=3)
+        sweep = new_sweep(ctx, 10)
+        for index in range(10):
+            run_request(ctx, sweep.id, index)
+    stopped = store.get_sweep_by_id(ctx.engine, sweep.id)
+    assert stopped.state == SweepState.STOPPED and "connection failed" in stopped.stop_reason
+    assert sum(row.attempts for row in rows(ctx, sweep).values()) == 3
+
+
 def test_a_404_route_stops_the_sweep_after_the_streak(tmp_path):
     body = {"error": {"message": "Unknown request URL: POST /v1/chat/completions", "code": "unknown_url"}}
     with ScriptedServer([Reply(404, body)]) as server:
