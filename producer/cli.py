@@ -151,7 +151,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         progress.dump_json(snap)
     else:
         print(progress.describe(snap))
-        _print_after_sweep(engine, name)
+        _print_after_sweep(engine, name, asked=bool(sample))
         if sample:
             print(sample)
     if not progress.is_finished(snap):
@@ -161,12 +161,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return exit_code(snap)
 
 
-def _print_after_sweep(engine, name: str) -> None:
+def _print_after_sweep(engine, name: str, asked: bool = False) -> None:
     """Where the database and the dataset files are, notes on the counts, and the next command."""
     from producer.progress import wrap
     from producer.summary import after_sweep
 
-    print(wrap(after_sweep(engine, name)))
+    print(wrap(after_sweep(engine, name, asked)))
 
 
 # A fine-tune that ended without a model (failed, cancelled, refused) fails the command too.

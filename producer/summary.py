@@ -9,14 +9,17 @@ import shlex
 
 from sqlalchemy import Engine
 
-from gridtune.sweep import request_at
 from models import JobStatus, SweepState, store
 from models.db import describe_database
 from worker.dataset import likely_causes
+from worker.finetune.ask import example_input
 
 
-def after_sweep(engine: Engine, name: str) -> list[str]:
-    """Lines (no trailing newline) naming the database, the dataset files, notes and the next command."""
+def after_sweep(engine: Engine, name: str, asked: bool = False) -> list[str]:
+    """Lines (no trailing newline) naming the database, the dataset files, notes and the next command.
+
+    asked: the tuned model's answer is shown next to these lines (with its own `ask` command).
+    """
     sweep = store.get_sweep(engine, name)
     config = store.sweep_config(sweep)
     quoted = shlex.quote(name)
@@ -35,9 +38,9 @@ def after_sweep(engine: Engine, name: str) -> list[str]:
         for cause in likely_causes(dataset.dropped, dataset.inputs, dataset.identical_inputs, kept):
             lines.append(f"  note      {cause}")
     job = store.latest_job(engine, sweep.id)
-    example = request_at(config, 0).input_text
     if job is not None and job.status == JobStatus.SUCCEEDED:
-        lines.append(f"  next      python -m producer ask {quoted} {shlex.quote(example)}")
+        if not asked:
+            lines.append(f"  next      python -m producer ask {quoted} {shlex.quote(example_input(config))}")
     elif job is not None and job.status in JobStatus.FINAL and job.status != JobStatus.SKIPPED:
         lines.append(f"  next      fix the cause above, then: python -m producer finetune {quoted}")
     elif job is not None and job.status not in JobStatus.FINAL:
