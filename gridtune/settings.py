@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # This many failed attempts in a row, all the same kind and message (any request, any worker),
     # stop the sweep: the endpoint is dead or wrong (worker/health.py).
     dead_endpoint_failures: int = Field(10, ge=1, validation_alias=_env("GRIDTUNE_DEAD_ENDPOINT_FAILURES"))
+    # ... and only once that streak has lasted this many seconds (a restart blip is not a dead endpoint).
+    dead_endpoint_seconds: float = Field(5.0, ge=0, validation_alias=_env("GRIDTUNE_DEAD_ENDPOINT_SECONDS"))
 
     # --- Celery ------------------------------------------------------------------------------
     # A message not acked within this many seconds is delivered again (Redis transport); every

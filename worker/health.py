@@ -3,8 +3,9 @@
 A wrong OPENAI_BASE_URL (connection refused, DNS, TLS), a route that answers 404, a server that
 fails everything the same way: every request would retry `GRIDTUNE_MAX_ATTEMPTS` times before
 failing. Instead, once `GRIDTUNE_DEAD_ENDPOINT_FAILURES` attempts in a row (any request, any
-worker, no success in between) failed with the same kind and message, the sweep is stopped with
-that one reason, as an auth failure stops it. Rate limiting never counts (it has its own waits).
+worker, no success in between) failed with the same kind and message over at least
+`GRIDTUNE_DEAD_ENDPOINT_SECONDS`, the sweep is stopped with that one reason, as an auth failure
+stops it. Rate limiting never counts (it has its own waits).
 
 The streak is per sweep *run*: its key includes the sweep's `enqueued_at`, so resuming the sweep
 (`sweep` again, once the endpoint is fixed) starts from zero.
@@ -24,16 +25,21 @@ log = logging.getLogger(__name__)
 STREAK_KEY = "gridtune:streak:{sweep_id}:{run}"
 STREAK_EXPIRY_SECONDS = 3600
 
-# KEYS[1] = streak hash; ARGV = signature, expiry. Returns the streak length including this one.
+# KEYS[1] = streak hash; ARGV = signature, expiry. Returns {streak length including this one,
+# milliseconds since the streak's first failure} on Redis's clock (one clock for every worker).
 _RECORD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = 1
+local since = now
 if redis.call('HGET', KEYS[1], 'sig') == ARGV[1] then
   n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+  since = tonumber(redis.call('HGET', KEYS[1], 'since')) or now
 else
-  redis.call('HSET', KEYS[1], 'sig', ARGV[1], 'n', 1)
+  redis.call('HSET', KEYS[1], 'sig', ARGV[1], 'n', 1, 'since', now)
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return n
+return {n, now - since}
 """
 
 
@@ -50,17 +56,19 @@ def failed(ctx, sweep: Sweep, failure: Failure) -> str | None:
     """
     if failure.kind == "rate_limited":
         return None
-    threshold = ctx.settings.dead_endpoint_failures
+    settings = ctx.settings
     try:
-        count = int(ctx.redis.eval(_RECORD, 1, _key(sweep), f"{failure.kind}\x00{failure.message}",
-                                   STREAK_EXPIRY_SECONDS))
+        count, age_ms = ctx.redis.eval(_RECORD, 1, _key(sweep), f"{failure.kind}\x00{failure.message}",
+                                       STREAK_EXPIRY_SECONDS)
     except redis.RedisError:
         log.debug("cannot record the failure streak", exc_info=True)
         return None
-    if count < threshold:
+    # Both a count and a span: a blip that fails every request in flight at once (a server
+    # restarting) is not a dead endpoint.
+    if int(count) < settings.dead_endpoint_failures or int(age_ms) / 1000 < settings.dead_endpoint_seconds:
         return None
     where = ctx.settings.openai_base_url or "the OpenAI API"
-    return (f"{count} requests in a row failed the same way at {where}: {failure.message}; "
+    return (f"{int(count)} requests in a row failed the same way at {where}: {failure.message}; "
             f"fix it, then run the same `python -m producer sweep` command again to resume")
 
 

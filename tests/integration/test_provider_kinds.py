@@ -44,7 +44,7 @@ backend = "none"
 def make_context(tmp_path, base_url: str, database_url: str | None = None, **settings) -> WorkerContext:
     values = dict(DATABASE_URL=database_url or f"sqlite:///{tmp_path}/kinds.db", OPENAI_API_KEY="sk-test-kinds",
                   OPENAI_BASE_URL=base_url, GRIDTUNE_BACKOFF_CAP=0.05, GRIDTUNE_REQUEST_TIMEOUT=5,
-                  GRIDTUNE_DATA_DIR=str(tmp_path / "data"))
+                  GRIDTUNE_DATA_DIR=str(tmp_path / "data"), GRIDTUNE_DEAD_ENDPOINT_SECONDS=0)
     values.update({k: str(v) for k, v in settings.items()})
     return WorkerContext(Settings(**values))
 
@@ -281,6 +281,18 @@ def test_a_404_route_stops_the_sweep_after_the_streak(tmp_path):
             run_request(ctx, sweep.id, index)
         assert len(server.requests) == 4
     assert "Unknown request URL" in store.get_sweep_by_id(ctx.engine, sweep.id).stop_reason
+
+
+def test_a_short_burst_of_identical_failures_does_not_stop_the_sweep(tmp_path):
+    # Every request in flight fails at once while a server restarts: a count alone would stop the
+    # sweep; the streak must also last GRIDTUNE_DEAD_ENDPOINT_SECONDS.
+    ctx = make_context(tmp_path, "http://127.0.0.1:9/v1", GRIDTUNE_DEAD_ENDPOINT_FAILURES=2,
+                       GRIDTUNE_DEAD_ENDPOINT_SECONDS=3600, GRIDTUNE_MAX_ATTEMPTS=2)
+    sweep = new_sweep(ctx, 5)
+    for index in range(5):
+        run_request(ctx, sweep.id, index)
+    assert store.get_sweep_by_id(ctx.engine, sweep.id).state == SweepState.RUNNING
+    assert [row.attempts for row in rows(ctx, sweep).values()] == [2] * 5
 
 
 def test_a_success_breaks_the_streak(tmp_path):

@@ -107,6 +107,7 @@ def test_a_failed_fine_tune_makes_sweep_exit_non_zero(tmp_path):
     ("GRIDTUNE_FINETUNE_POLL_SECONDS", "0", "GRIDTUNE_FINETUNE_POLL_SECONDS=0: must be more than 0"),
     ("GRIDTUNE_STALL_SECONDS", "-1", "GRIDTUNE_STALL_SECONDS=-1: must be more than 0"),
     ("GRIDTUNE_DEAD_ENDPOINT_FAILURES", "0", "GRIDTUNE_DEAD_ENDPOINT_FAILURES=0: must be at least 1"),
+    ("GRIDTUNE_DEAD_ENDPOINT_SECONDS", "-1", "GRIDTUNE_DEAD_ENDPOINT_SECONDS=-1: must be at least 0"),
     ("CELERY_BROKER_URL", "notaurl", "CELERY_BROKER_URL: not a URL gridtune can use (expected redis://"),
     ("CELERY_RESULT_BACKEND", "notaurl", "CELERY_RESULT_BACKEND: not a URL"),
     ("GRIDTUNE_REDIS_URL", "localhost:6379", "GRIDTUNE_REDIS_URL: not a URL gridtune can use (expected redis://"),
