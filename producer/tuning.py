@@ -201,13 +201,16 @@ def job_record(job: FinetuneJob, sweep_name: str) -> dict:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = store.list_jobs(get_engine(get_settings().database_url))
+    engine = get_engine(get_settings().database_url)
+    jobs = store.list_jobs(engine)
     if args.json:
         print(json.dumps([job_record(job, name) for job, name in jobs], indent=2))
         return 0
     if not jobs:
-        print("no fine-tune jobs yet: they start when a sweep's dataset is ready "
-              "(or with `python -m producer finetune SWEEP`)", file=sys.stderr)
+        from models.db import describe_database
+
+        print(f"no fine-tune jobs yet in {describe_database(engine)}: they start when a sweep's dataset is "
+              "ready (or with `python -m producer finetune SWEEP`)", file=sys.stderr)
         return 0
     print(JOBS_ROW.format("id", "sweep", "backend", "status", "est. tokens", "est. cost", "job / model or adapter"))
     for job, name in jobs:

@@ -194,6 +194,10 @@ def test_an_empty_database_says_which_database(tmp_path):
     assert f"no sweeps yet in the SQLite file {tmp_path.resolve() / 'gridtune.db'} (DATABASE_URL)" in result.stderr
     code, err = cli(["status", "nope"], tmp_path)
     assert code == 2 and f"{tmp_path.resolve() / 'gridtune.db'}" in error_line(err)
+    jobs = subprocess.run([sys.executable, "-m", "producer", "jobs"], cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert jobs.returncode == 0
+    assert f"no fine-tune jobs yet in the SQLite file {tmp_path.resolve() / 'gridtune.db'}" in jobs.stderr
 
 
 # --- 12 and 14: the summary, the training set, what is sent ----------------------------------------
