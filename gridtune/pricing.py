@@ -12,11 +12,10 @@ import re
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 from typing import Literal
 
 from gridtune.errors import UserError
+from gridtune.files import bundled, read_text
 from gridtune.settings import get_settings
 
 Mode = Literal["online", "batch"]
@@ -43,13 +42,11 @@ class Price:
 
 @lru_cache(maxsize=4)
 def _table(path: str | None) -> dict[str, Price]:
-    source = path or "gridtune/prices.toml"
+    source = path or str(bundled("prices.toml"))
+    text = read_text(source, "TOML price table")  # one reader for every user file: encodings, BOMs
     try:
-        data = Path(path).read_bytes() if path else resources.files("gridtune").joinpath("prices.toml").read_bytes()
-        models = tomllib.loads(data.decode())["models"]
-    except OSError as exc:
-        raise UserError(f"GRIDTUNE_PRICES {source}: cannot read: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        models = tomllib.loads(text)["models"]
+    except tomllib.TOMLDecodeError as exc:
         raise UserError(f"price table {source}: not valid TOML: {exc}") from None
     except KeyError:
         raise UserError(f'price table {source}: no [models."NAME"] tables') from None

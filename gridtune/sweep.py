@@ -14,13 +14,13 @@ import string
 import tomllib
 from dataclasses import dataclass
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gridtune.errors import ConfigError
+from gridtune.errors import ConfigError, UserError
+from gridtune.files import bundled as package_file, read_text
 
 Scalar = str | int | float | bool
 
@@ -41,12 +41,17 @@ class Templates(_Section):
 
 class ModelSettings(_Section):
     name: str = "gpt-4o-mini"
-    temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    # Sampling parameters are sent only when the config sets them (unset: the server's default),
+    # so a server that does not know one never sees it.
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     max_output_tokens: int = Field(500, ge=1)
-    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
+    # Server-specific request fields, sent as they are (the SDK's extra_body), e.g. a self-hosted
+    # server's own switch for sampling: [model.extra_body] do_sample = true
+    extra_body: dict[str, Any] | None = None
     # Newer models take max_completion_tokens; some compatible servers only know max_tokens.
     token_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
     # The provider's limits for this model; unset = learnt from x-ratelimit-* headers.
@@ -64,6 +69,16 @@ class ModelSettings(_Section):
 # [model] fields that change how a sweep runs, not what it asks for: changing them on resume is not a
 # different config (and sweeps stored before they existed keep their fingerprint).
 RUN_OPTIONS = ("max_cost_usd", "mode")
+
+    @field_validator("extra_body")
+    @classmethod
+    def _no_standard_fields(cls, body: dict[str, Any] | None) -> dict[str, Any] | None:
+        standard = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                    "frequency_penalty", "presence_penalty", "seed", "stop", "stream"}
+        if body and (clash := sorted(standard & set(body))):
+            raise ValueError(f"{', '.join(clash)} cannot be set here: use the [model] key of that name "
+                             "(stream is not supported)")
+        return body
 
 
 class DatasetSettings(_Section):
@@ -167,7 +182,11 @@ class SweepConfig(_Section):
 
 
 def check_template(label: str, template: str, dimensions: dict[str, list[Scalar]]) -> None:
-    """Only plain `{dimension}` fields (with an optional format spec) are allowed."""
+    """Only plain `{dimension}` fields are allowed: no conversion (`!r`), no format spec (`:>10`).
+
+    A value is inserted as it is written in the config; conversions and specs would change the
+    text the model sees in ways the config does not show (`{a!r}` adds quotes). ConfigError if not.
+    """
     try:
         fields = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -190,8 +209,10 @@ def check_template(label: str, template: str, dimensions: dict[str, list[Scalar]
                 f"templates.{label}: {{{field}}} is not a declared dimension "
                 f"(declared: {', '.join(dimensions)})"
             )
-        if spec and "{" in spec:
-            raise ConfigError(f"templates.{label}: nested fields in a format spec are not allowed")
+        if _conversion or spec:
+            written = f"{{{field}{'!' + _conversion if _conversion else ''}{':' + spec if spec else ''}}}"
+            raise ConfigError(f"templates.{label}: {written} is not allowed: write {{{field}}} (no conversion "
+                              "or format spec; values are inserted as written)")
     # Format specs must suit every value of their dimension: try each value once.
     longest = max(len(v) for v in dimensions.values())
     for i in range(longest):
@@ -203,11 +224,20 @@ def check_template(label: str, template: str, dimensions: dict[str, list[Scalar]
 
 
 def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    message = first["msg"].removeprefix("Value error, ")
-    more = len(error.errors()) - 1
-    return f"{where}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    """Every problem, on one line: "repeats: must be ...; templates: Field required"."""
+    problems = []
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "config"
+        message = problem["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        if problem["type"] == "missing" and len(problem["loc"]) == 1:
+            message = f"missing (add a [{where}] table)" if where in ("dimensions", "templates") else "missing"
+        elif problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif problem["type"] in ("int_type", "float_type", "bool_type", "string_type") and "input" in problem:
+            message += f" (got {problem['input']!r}: write it without quotes)" if isinstance(problem["input"], str) \
+                else f" (got {problem['input']!r})"
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
 
 
 def parse_config(text: str, source: str = "config", max_requests: int | None = None) -> SweepConfig:
@@ -216,13 +246,21 @@ def parse_config(text: str, source: str = "config", max_requests: int | None = N
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     try:
-        config = SweepConfig.model_validate(raw)
+        # Strict: "3" is not 3, and 1 is not true. A value of the wrong type is refused, not coerced.
+        config = SweepConfig.model_validate(raw, strict=True)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     for label in ("prompt", "input", "system"):
         template = getattr(config.templates, label)
         if template is not None:
-            check_template(label, template, config.dimensions)
+            try:
+                check_template(label, template, config.dimensions)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+    from gridtune.backend_rules import config_problems
+
+    if problems := config_problems(config):
+        raise ConfigError(f"{source}: " + "; ".join(problems))
     if max_requests is not None and config.total_requests > max_requests:
         raise ConfigError(
             f"{source}: the grid has {config.total_requests:,} requests "
@@ -234,24 +272,19 @@ def parse_config(text: str, source: str = "config", max_requests: int | None = N
 
 def load_config(path: str | Path | None = None, max_requests: int | None = None,
                 bundled: str = DEFAULT_CONFIG) -> SweepConfig:
-    """Load a sweep config file; None = the shipped `bundled` one (the tutorial's 294 requests)."""
+    """Load a sweep config file; None = the shipped `bundled` one (the tutorial's 294 requests).
+
+    The file is read by `gridtune.files.read_text` (UTF-8, or any UTF with a byte-order mark);
+    every problem is a ConfigError naming the file.
+    """
     if path is None:
-        data = resources.files("gridtune").joinpath("sweeps", bundled).read_bytes()
-        source = f"sweeps/{bundled}"
+        file, source = package_file("sweeps", bundled), f"sweeps/{bundled}"
     else:
-        source = str(path)
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such file") from None
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-    if b"\x00" in data:
-        raise ConfigError(f"{source}: this is a binary file, not a TOML sweep config")
+        file, source = Path(path), str(path)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}): save the file as UTF-8") from None
+        text = read_text(file, "TOML sweep config")
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
     return parse_config(text, source, max_requests)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
@@ -37,6 +38,14 @@ def safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return "<unparseable URL>"
+
+
+def describe_database(engine: Engine) -> str:
+    """Which database this is, for messages: a SQLite file's absolute path, else the URL without password."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return f"the SQLite file {Path(url.database).resolve()} (DATABASE_URL)"
+    return f"{url.render_as_string(hide_password=True)} (DATABASE_URL)"
 
 
 def _build_engine(url: str) -> Engine:

@@ -73,6 +73,8 @@ class Generation(Base):
     prompt: Mapped[str] = mapped_column(Text)
     input_text: Mapped[str] = mapped_column(Text)
     response_text: Mapped[str | None] = mapped_column(Text)
+    # The provider's refusal text (`message.refusal`), kept even when it also sent some content.
+    refusal: Mapped[str | None] = mapped_column(Text)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     model: Mapped[str | None] = mapped_column(String(200))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -144,6 +146,10 @@ class Dataset(Base):
     # What was left out and why: {"failed": n, "truncated": n, "duplicates": n, "too_long": n}
     dropped: Mapped[dict[str, Any]]
     encoding: Mapped[str] = mapped_column(String(32))
+    # Distinct inputs with a whole answer, and those answered more than once always identically
+    # (a server that ignores sampling settings).
+    inputs: Mapped[int | None] = mapped_column(Integer)
+    identical_inputs: Mapped[int | None] = mapped_column(Integer)
 
 
 class JobStatus:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Iterator, TypeVar
@@ -11,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gridtune.errors import UserError
 from gridtune.sweep import SweepConfig, config_from_snapshot
-from models.db import session_scope
+from models.db import describe_database, session_scope
 from models.schema import (
     Batch,
     BatchState,
@@ -29,6 +30,41 @@ from models.schema import (
 T = TypeVar("T")
 
 
+# --- text a provider sends, made storable --------------------------------------------------------
+_UNSTORABLE = re.compile("[\ud800-\udfff\x00]")  # lone surrogates and NUL
+
+
+def storable(value: Any) -> Any:
+    """`value` with every string made storable by both databases, recursively through dicts/lists.
+
+    A provider can send text that is not valid Unicode for UTF-8 codecs (lone surrogates such as
+    "\\ud800", decoded from JSON escapes) or NUL characters (PostgreSQL text refuses them). Each
+    such character becomes U+FFFD, so a paid response is stored instead of failing as `internal`.
+    """
+    if isinstance(value, str):
+        if value.isascii() and "\x00" not in value:
+            return value
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
+
+
+def _fitted(table: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """storable() values, with strings cut to their column's length (a long invented finish_reason)."""
+    fitted = {}
+    for name, value in values.items():
+        value = storable(value)
+        column = table.__table__.columns.get(name)
+        length = getattr(getattr(column, "type", None), "length", None)
+        if isinstance(value, str) and length and len(value) > length:
+            value = value[:length]
+        fitted[name] = value
+    return fitted
+
+
 # --- sweeps -------------------------------------------------------------------------------------
 def find_sweep(engine: Engine, name: str) -> Sweep | None:
     with session_scope(engine) as session:
@@ -40,8 +76,9 @@ def get_sweep(engine: Engine, name: str) -> Sweep:
     if sweep is None:
         with session_scope(engine) as session:
             known = session.scalars(select(Sweep.name).order_by(Sweep.id.desc()).limit(10)).all()
-        hint = f" (known: {', '.join(known)})" if known else " (no sweeps yet: run `python -m producer sweep`)"
-        raise UserError(f"no sweep named {name!r}{hint}")
+        hint = (f" (known: {', '.join(known)})" if known
+                else " (no sweeps yet there: run `python -m producer sweep`, or set DATABASE_URL)")
+        raise UserError(f"no sweep named {name!r} in {describe_database(engine)}{hint}")
     return sweep
 
 
@@ -171,7 +208,7 @@ def insert_generation(engine: Engine, values: dict[str, Any]) -> bool:
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement = (
         dialect.insert(Generation)
-        .values(**values)
+        .values(**_fitted(Generation, values))
         .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])
         .returning(Generation.id)  # rowcount is not reliable here on psycopg; a returned id is
     )
@@ -274,6 +311,7 @@ class SweepCounts:
     ok: int
     failed: int
     truncated: int
+    incomplete: int  # ok rows whose answer is not whole (any finish_reason but "stop"), truncated included
     rate_limited: int
     prompt_tokens: int
     completion_tokens: int
@@ -296,11 +334,14 @@ class SweepCounts:
 def sweep_counts(engine: Engine, sweep: Sweep) -> SweepCounts:
     with session_scope(engine) as session:
         base = select().select_from(Generation).where(Generation.sweep_id == sweep.id)
-        ok, failed, truncated, limited, ptok, ctok, cost, uptok, uctok, first, last = session.execute(
+        ok, failed, truncated, incomplete, limited, ptok, ctok, cost, uptok, uctok, first, last = session.execute(
             base.add_columns(
                 func.count().filter(Generation.state == RowState.OK),
                 func.count().filter(Generation.state == RowState.FAILED),
                 func.count().filter(Generation.finish_reason == "length"),
+                # worker.dataset.COMPLETE_FINISH_REASONS: only "stop" (or none at all) is whole
+                func.count().filter(Generation.state == RowState.OK, Generation.finish_reason.is_not(None),
+                                    Generation.finish_reason != "stop"),
                 func.coalesce(func.sum(Generation.rate_limited), 0),
                 func.coalesce(func.sum(Generation.prompt_tokens), 0),
                 func.coalesce(func.sum(Generation.completion_tokens), 0),
@@ -325,6 +366,7 @@ def sweep_counts(engine: Engine, sweep: Sweep) -> SweepCounts:
         ok=ok,
         failed=failed,
         truncated=truncated,
+        incomplete=incomplete,
         rate_limited=int(limited),
         prompt_tokens=int(ptok),
         completion_tokens=int(ctok),
@@ -457,12 +499,13 @@ def list_jobs(engine: Engine) -> list[tuple[FinetuneJob, str]]:
 
 def update_job(engine: Engine, job_id: int, **values: Any) -> None:
     with session_scope(engine) as session:
-        session.execute(update(FinetuneJob).where(FinetuneJob.id == job_id).values(**values))
+        session.execute(update(FinetuneJob).where(FinetuneJob.id == job_id).values(**_fitted(FinetuneJob, values)))
 
 
 def set_status(engine: Engine, job_id: int, status: str, detail: str | None = None, **values: Any) -> FinetuneJob:
     """Change a job's status (and other columns); a change is an event; a final status ends the sweep."""
-    detail = detail or values.get("error_message")
+    values = _fitted(FinetuneJob, values)
+    detail = storable(detail or values.get("error_message"))
     with session_scope(engine) as session:
         job = session.get(FinetuneJob, job_id, with_for_update=True)
         previous = job.status
@@ -531,8 +574,9 @@ def add_event(
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement = (
         dialect.insert(FinetuneEvent)
-        .values(job_id=job_id, message=message, level=level, data=data, provider_event_id=provider_event_id,
-                created_at=created_at or utcnow())
+        .values(**_fitted(FinetuneEvent, dict(
+            job_id=job_id, message=message, level=level, data=data, provider_event_id=provider_event_id,
+            created_at=created_at or utcnow())))
         .on_conflict_do_nothing(index_elements=["job_id", "provider_event_id"])
         .returning(FinetuneEvent.id)
     )

@@ -51,6 +51,18 @@ def _check_broker(app) -> None:
 
 
 @contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence `logger` (and its children) for the block."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+@contextmanager
 def _embedded_runtime(local_model: str | None) -> Iterator[None]:
     """Embedded mode: a local API server when there is no key (or the model is local), and an
     in-process worker."""
@@ -142,6 +154,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from gridtune.backend_rules import grid_problems
     from gridtune.sweep import load_config
     from producer import progress
     from producer.enqueue import enqueue_sweep
@@ -152,7 +165,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = get_settings()
     bundled = _default_config(settings, args.simulated)
     config = load_config(args.config, max_requests=settings.max_requests, bundled=bundled)
-    name = _sweep_name(args, config)
+    if problems := grid_problems(config):  # before anything is stored or sent
+        raise UserError(f"{args.config or f'sweeps/{bundled}'}: " + "; ".join(problems))
+    name = args.sweep_name = _sweep_name(args, config)
     if args.config is None:
         print(f"config: the bundled sweeps/{bundled}", file=sys.stderr, flush=True)
     from gridtune.localmodel import is_local_model
@@ -168,7 +183,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     engine = _engine()
     _check_broker(app)
     wait = args.wait or settings.embedded
-    with _embedded_runtime(local_model) if settings.embedded else ExitStack():
+    with ExitStack() as stack:
+        if settings.embedded:
+            stack.enter_context(_embedded_runtime(local_model))
+            if not args.verbose:
+                # The in-process worker's warnings and errors all end in rows and the summary
+                # below; logging them too would print each of them twice.
+                stack.enter_context(_quiet("worker"))
         print(f"sweep {name}: {config.total_requests:,} requests "
               f"({config.combinations:,} combinations x {config.repeats} repeats)", file=sys.stderr, flush=True)
 
@@ -201,13 +222,34 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         progress.dump_json(snap)
     else:
         print(progress.describe(snap))
+        _print_after_sweep(engine, name, asked=bool(sample))
         if sample:
             print(sample)
     if not progress.is_finished(snap):
         print(f"gridtune: still running after {args.timeout}s; follow with `python -m producer status {name} --watch`",
               file=sys.stderr)
         return 1
-    return 0 if snap["state"] != "failed" else 1
+    return exit_code(snap)
+
+
+def _print_after_sweep(engine, name: str, asked: bool = False) -> None:
+    """Where the database and the dataset files are, notes on the counts, and the next command."""
+    from producer.progress import wrap
+    from producer.summary import after_sweep
+
+    print(wrap(after_sweep(engine, name, asked)))
+
+
+# A fine-tune that ended without a model (failed, cancelled, refused) fails the command too.
+FINETUNE_FAILURES = ("failed", "cancelled", "unavailable")
+
+
+def exit_code(snap: dict) -> int:
+    """0 when the sweep ended well: not `failed`, and its fine-tune (if any) did not fail."""
+    if snap["state"] == "failed":
+        return 1
+    job = snap.get("finetune")
+    return 1 if job and job["status"] in FINETUNE_FAILURES else 0
 
 
 def _sample_tuned(engine, name: str) -> str | None:
@@ -296,6 +338,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from models import store
+    from models.db import describe_database
 
     from producer.progress import spent_usd
 
@@ -313,7 +356,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{s.name:30} {s.state:15} {s.total_requests:>10,} requests  spent {money}{cap}  "
               f"created {s.created_at:%Y-%m-%d %H:%M}")
     if not sweeps:
-        print("no sweeps yet: run `python -m producer sweep`", file=sys.stderr)
+        print(f"no sweeps yet in {describe_database(engine)}: run `python -m producer sweep`, "
+              "or point DATABASE_URL at the database that has them", file=sys.stderr)
     return 0
 
 
@@ -344,21 +388,25 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from models import RowState, store
-    from worker.dataset import chat_example, legacy_example
+    from worker.dataset import chat_example, incomplete_reason, legacy_example
 
-    if not (args.csv or args.jsonl):
-        raise UserError("say what to write: --csv PATH and/or --jsonl PATH")
+    if not (args.csv or args.jsonl or args.training_set):
+        raise UserError("say what to write: --csv PATH, --jsonl PATH and/or --training-set PATH")
     engine = _engine()
     sweep = store.get_sweep(engine, args.name)
     config = store.sweep_config(sweep)
-    written = 0
+    if args.training_set:
+        _export_training_set(engine, sweep, args.training_set)
+    if not (args.csv or args.jsonl):
+        return 0
+    written = lines = 0
     with ExitStack() as stack:
         csv_writer = jsonl = None
         if args.csv:
             handle = stack.enter_context(_open_out(args.csv))
-            names = list(config.dimensions)
             # The tutorial's columns, with this sweep's dimensions in place of age/gender/power.
-            columns = names + ["prompt", "sub_prompt", "response_txt", "finish_reason", "state", "error"]
+            columns = list(config.dimensions) + ["prompt", "sub_prompt", "response_txt", "finish_reason", "state",
+                                                 "error"]
             csv_writer = csv.writer(handle)
             csv_writer.writerow(columns)
         if args.jsonl:
@@ -368,13 +416,40 @@ def cmd_export(args: argparse.Namespace) -> int:
                 csv_writer.writerow([row.params.get(n) for n in config.dimensions] + [
                     row.prompt, row.input_text, row.response_text or "", row.finish_reason or "",
                     row.state, row.error or ""])
-            if jsonl and row.state == RowState.OK and row.response_text:
+            # Whole answers only: an incomplete one (truncated, filtered) is never a training line.
+            if (jsonl and row.state == RowState.OK and row.response_text
+                    and not incomplete_reason(row.finish_reason)):
                 example = (legacy_example(row.input_text, row.response_text) if args.legacy
                            else chat_example(config, row.input_text, row.response_text))
                 jsonl.write(json.dumps(example, ensure_ascii=False) + "\n")
+                lines += 1
             written += 1
-    print(f"exported {written:,} rows of {sweep.name}", file=sys.stderr)
+    if args.csv:
+        print(f"exported {written:,} rows of {sweep.name} to {args.csv}", file=sys.stderr)
+    if args.jsonl:
+        dataset = store.latest_dataset(engine, sweep.id)
+        training = (f"the training set has {dataset.train_examples:,} examples: --training-set PATH writes it"
+                    if dataset else "no training set yet")
+        print(f"exported {lines:,} lines to {args.jsonl}: one per whole ok answer, duplicates included, "
+              f"no split ({training})", file=sys.stderr)
     return 0
+
+
+def _export_training_set(engine, sweep, path: str) -> None:
+    """Copy the finalizer's train.jsonl (deduplicated, validated, what is uploaded) to `path`."""
+    from models import store
+
+    dataset = store.latest_dataset(engine, sweep.id)
+    if dataset is None:
+        raise UserError(f"sweep {sweep.name} has no training set yet (state {sweep.state})")
+    try:
+        data = Path(dataset.train_path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {dataset.train_path}: {exc.strerror}; run the sweep again to rebuild it") from None
+    with _open_out(path) as handle:
+        handle.write(data.decode("utf-8"))
+    print(f"exported the training set of {sweep.name} to {path}: {dataset.train_examples:,} examples "
+          f"(validation: {dataset.validation_examples:,} in {dataset.validation_path or 'none'})", file=sys.stderr)
 
 
 @contextmanager
@@ -396,6 +471,22 @@ def _usd(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be more than 0 USD, not {text}")
     return value
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What to run after Ctrl-C: the same command, or `finetune` when the fine-tune step was cut."""
+    name = getattr(args, "sweep_name", None)
+    if args.command == "sweep" and name:
+        try:
+            from models import SweepState, store
+
+            state = store.get_sweep(_engine(), name).state
+        except Exception:  # noqa: BLE001 - a hint must not raise
+            state = None
+        if state in (SweepState.DATASET_READY, SweepState.FINETUNING):
+            return (f"the requests are done; the fine-tune step was cut: `python -m producer finetune {name}` "
+                    "runs it again (`python -m producer jobs` shows it)")
+    return "re-run the same command to resume"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a sweep's rows as CSV and/or training JSONL")
     export.add_argument("name")
     export.add_argument("--csv", help="the tutorial's columns, one row per request")
-    export.add_argument("--jsonl", help="chat-format training lines for every ok row")
+    export.add_argument("--jsonl", help="a chat-format line for every whole ok answer (duplicates included, no split)")
+    export.add_argument("--training-set", help="the finalizer's train.jsonl: deduplicated and validated, what is uploaded")
     export.add_argument("--legacy", action="store_true", help="with --jsonl: prompt/completion form (' ->', ' END')")
     export.set_defaults(handler=cmd_export)
 
@@ -471,12 +563,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        get_settings()  # every environment variable is checked before any command runs
         return args.handler(args)
     except UserError as exc:
         print(f"gridtune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("gridtune: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(f"gridtune: interrupted; {_resume_hint(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0  # the reader went away (`| head`): not an error

@@ -40,6 +40,11 @@ class Enqueued:
     open_batches: int = 0  # batch mode: batches already in flight, followed again
 
 
+def task_label(sweep_id: int, index: int, sweep_name: str | None) -> str:
+    """How a generate task's arguments read in Flower and events: the ids, then the sweep's name."""
+    return f"({sweep_id}, {index})" + (f" sweep {sweep_name!r}" if sweep_name else "")
+
+
 def send_chord(
     app: Celery,
     sweep_id: int,
@@ -48,8 +53,13 @@ def send_chord(
     *,
     batch: int = 1000,
     on_progress: Callable[[int], None] | None = None,
+    sweep_name: str | None = None,
 ) -> tuple[str, str]:
-    """Publish `count` generate tasks (one per index) as one chord; returns (group_id, body_id)."""
+    """Publish `count` generate tasks (one per index) as one chord; returns (group_id, body_id).
+
+    `sweep_name` only labels the messages for people (Flower's "args": `(1, 39) sweep 'heroes'`);
+    the arguments themselves stay `(sweep_id, index)`.
+    """
     from worker.tasks import finalize, generate
 
     group_id, body_id = uuid(), uuid()
@@ -69,7 +79,7 @@ def send_chord(
                 task_id, generate.name, (sweep_id, index), {},
                 group_id=group_id, group_index=position, chord=body, root_id=task_id,
                 ignore_result=True,  # no result to store; the chord still counts the task
-                argsrepr=f"({sweep_id}, {index})", kwargsrepr="{}",
+                argsrepr=task_label(sweep_id, index, sweep_name), kwargsrepr="{}",
             )
             producer.publish(
                 message, exchange="", routing_key=queue.name, serializer="json", headers=headers,
@@ -154,7 +164,8 @@ def enqueue_sweep(
         return Enqueued(sweep, created, 0, len(done), None, None)
     store.mark_enqueued(engine, sweep.id)
     indices = (i for i in range(sweep.total_requests) if i not in skip)
-    group_id, body_id = send_chord(app, sweep.id, indices, missing, batch=batch, on_progress=on_progress)
+    group_id, body_id = send_chord(app, sweep.id, indices, missing, batch=batch, on_progress=on_progress,
+                                   sweep_name=name)
     return Enqueued(store.get_sweep_by_id(engine, sweep.id), created, missing, len(done), body_id, group_id)
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import textwrap
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.live import Live
+from rich.text import Text
 from sqlalchemy import Engine
 
 from gridtune import pricing
@@ -28,7 +31,9 @@ def snapshot(engine: Engine, name: str, in_flight: int | None = None) -> dict[st
     rate = None
     if counts.first_finished and counts.done:
         start = sweep.enqueued_at or counts.first_finished
-        end = counts.last_finished if sweep.state in FINAL_SWEEP_STATES else now
+        # Once every request has its row the request phase is over: the pace stays what it was
+        # (it must not decay while the fine-tune runs).
+        end = counts.last_finished if sweep.state in FINAL_SWEEP_STATES or not counts.missing else now
         elapsed = max((_aware(end) - _aware(start)).total_seconds(), 1e-3)
         rate = counts.done / elapsed
     minutes = elapsed / 60 if elapsed else None
@@ -44,6 +49,7 @@ def snapshot(engine: Engine, name: str, in_flight: int | None = None) -> dict[st
         "remaining": counts.missing,
         "in_flight": in_flight,
         "truncated": counts.truncated,
+        "incomplete": counts.incomplete,
         "rate_limited": counts.rate_limited,
         "prompt_tokens": counts.prompt_tokens,
         "completion_tokens": counts.completion_tokens,
@@ -56,6 +62,10 @@ def snapshot(engine: Engine, name: str, in_flight: int | None = None) -> dict[st
         "seconds_left": round(counts.missing / rate, 1) if rate and counts.missing else (0 if not counts.missing else None),
         "errors": counts.errors,
         "finalizer_runs": sweep.finalizer_runs,
+        # Wall time since the sweep was (last) enqueued, through the fine-tune step.
+        "elapsed_seconds": round(((_aware(sweep.finished_at) if sweep.finished_at and sweep.state in FINAL_SWEEP_STATES
+                                   else now) - _aware(sweep.enqueued_at)).total_seconds(), 1)
+        if sweep.enqueued_at else None,
         "finetune": None if job is None else {
             "backend": job.backend,
             "status": job.status,
@@ -83,8 +93,26 @@ def is_finished(snap: dict[str, Any]) -> bool:
     return snap["state"] in FINAL_SWEEP_STATES
 
 
-def describe(snap: dict[str, Any]) -> str:
-    """A few human lines."""
+def wrap(lines: list[str], width: int | None = None) -> str:
+    """Lines fitted to the terminal: long ones continue under their text, never split mid-word.
+
+    Without `width`: the terminal's; output that is not a terminal (a pipe, a log) is not wrapped.
+    """
+    if width is None:
+        if not sys.stdout.isatty():
+            return "\n".join(lines)
+        width = shutil.get_terminal_size((100, 24)).columns
+    out = []
+    for line in lines:
+        # "  label     text": continuation lines start under the text (column 12)
+        indent = " " * (12 if line.startswith("  ") else 2)
+        out.append(textwrap.fill(line, width=max(width - 1, 40), subsequent_indent=indent,
+                                 break_long_words=False, break_on_hyphens=False))
+    return "\n".join(out)
+
+
+def describe(snap: dict[str, Any], width: int | None = None) -> str:
+    """A few human lines, wrapped at `width` (default: the terminal's)."""
     money = f"${snap['spent_usd']:.4f}" if snap["spent_usd"] is not None else "n/a (unknown model price)"
     if snap["max_cost_usd"] is not None:
         money += f" of a ${snap['max_cost_usd']:.4f} cap"
@@ -94,7 +122,10 @@ def describe(snap: dict[str, Any]) -> str:
         f"  requests  {snap['done']}/{snap['total']} done: {snap['ok']} ok, {snap['failed']} failed, "
         f"{snap['remaining']} to go" + (f", {snap['in_flight']} in flight" if snap["in_flight"] is not None else ""),
         f"  tokens    {snap['prompt_tokens']:,} prompt + {snap['completion_tokens']:,} completion; "
-        f"{snap['truncated']} truncated; {snap['rate_limited']} rate-limited (429) retries",
+        f"{snap['truncated']} truncated"
+        + (f", {snap['incomplete'] - snap['truncated']} otherwise incomplete (kept out of the dataset)"
+           if snap.get("incomplete", 0) > snap["truncated"] else "")
+        + f"; {snap['rate_limited']} rate-limited (429) retries",
         f"  pace      {snap['requests_per_minute'] or 0} requests/min, {snap['tokens_per_minute'] or 0} tokens/min; "
         f"spent {money}; time left {left}",
     ]
@@ -106,7 +137,7 @@ def describe(snap: dict[str, Any]) -> str:
         model = f" -> {job['fine_tuned_model']}" if job["fine_tuned_model"] else ""
         error = f": {job['error']}" if job["error"] else ""
         lines.append(f"  fine-tune {job['backend']} {job['status']}{model}{error}")
-    return "\n".join(lines)
+    return wrap(lines, width)
 
 
 def follow(
@@ -138,32 +169,76 @@ def follow(
             on_tick(snap)
             snap = snapshot(engine, name, in_flight())
         return snap
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(name, total=snap["total"], detail="")
+    def line() -> Text:
+        return Text(progress_line(snap, console.width), no_wrap=True, overflow="ellipsis")
+
+    with Live(line(), console=console, auto_refresh=False, transient=False) as live:
         while True:
-            detail = (
-                f"ok {snap['ok']} failed {snap['failed']}"
-                + (f" in flight {snap['in_flight']}" if snap["in_flight"] is not None else "")
-                + f" | {snap['requests_per_minute'] or 0} req/min {snap['tokens_per_minute'] or 0} tok/min"
-                + f" | 429s {snap['rate_limited']}"
-                + (f" | ${snap['spent_usd']:.4f}" if snap["spent_usd"] is not None else "")
-                + (f"/${snap['max_cost_usd']:.4f}" if snap["max_cost_usd"] is not None else "")
-                + (f" | {snap['seconds_left']:.0f}s left" if snap["seconds_left"] else "")
-                + f" | {snap['state']}"
-            )
-            bar.update(task, completed=snap["done"], detail=detail)
+            live.update(line(), refresh=True)
             if is_finished(snap) or (deadline is not None and time.monotonic() >= deadline):
                 return snap
             time.sleep(interval)
             on_tick(snap)
             snap = snapshot(engine, name, in_flight())
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+BAR_MIN, BAR_GOOD, BAR_MAX = 10, 20, 40
+
+
+def progress_line(snap: dict[str, Any], width: int) -> str:
+    """The live line, fitted to `width` columns: name, bar, count, state, time left and elapsed
+    always (the name shortened if it must be); then failed, in flight, pace, 429s and cost as room
+    allows. The bar takes what is left (10 to 40 cells; none below 10)."""
+    done, total = snap["done"], snap["total"]
+    name = snap["name"]
+    left = snap["seconds_left"]
+    essentials = [f"{done:,}/{total:,}", snap["state"]]
+    if left and snap["remaining"]:
+        essentials.append(f"{_duration(left)} left")
+    essentials.append(f"elapsed {_duration(snap.get('elapsed_seconds'))}")
+    extras = []
+    if snap["failed"]:
+        extras.append(f"{snap['failed']:,} failed")
+    if snap["in_flight"]:
+        extras.append(f"{snap['in_flight']:,} in flight")
+    if snap["requests_per_minute"]:
+        extras.append(f"{snap['requests_per_minute']:,.0f} req/min")
+    if snap["tokens_per_minute"]:
+        extras.append(f"{snap['tokens_per_minute']:,} tok/min")
+    if snap["rate_limited"]:
+        extras.append(f"429s {snap['rate_limited']:,}")
+    if snap["spent_usd"] is not None:
+        extras.append(f"${snap['spent_usd']:.4f}" + (f"/${snap['max_cost_usd']:.4f}" if snap["max_cost_usd"] is not None else ""))
+    width = max(width - 1, 20)  # the last column would wrap on some terminals
+    core = " ".join(essentials)
+    if len(name) + 1 + BAR_MIN + 1 + len(core) > width:  # shorten a long name before losing the bar
+        keep = max(width - len(core) - BAR_MIN - 3, 12)
+        if keep < len(name):
+            name = name[:keep] + "\u2026"
+    fixed = len(name) + 1 + len(core)
+    shown = []
+    for extra in extras:  # extras only while the bar keeps a readable width
+        if fixed + 1 + BAR_GOOD + len(" | " + " ".join(shown + [extra])) <= width:
+            shown.append(extra)
+    tail = core + (" | " + " ".join(shown) if shown else "")
+    bar_room = width - len(name) - len(tail) - 2
+    if bar_room < BAR_MIN:
+        return f"{name} {tail}"[:width]
+    cells = min(BAR_MAX, bar_room)
+    filled = int(cells * done / total) if total else cells
+    bar = "━" * filled + "─" * (cells - filled)
+    return f"{name} {bar} {tail}"
 
 
 def dump_json(snap: dict[str, Any]) -> None:

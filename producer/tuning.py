@@ -60,6 +60,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         job = send_to_workers(engine, sweep, dataset.id, printer, args.wait, args.timeout)
         if job is None:
             return 0
+    from worker.finetune import REFUSED_LOCALLY
+
+    if job.error_code == REFUSED_LOCALLY:  # the backend's rules, checked before any upload
+        raise UserError(f"fine-tune of {sweep.name} {job.error_message}")
     print(describe_outcome(job, sweep.name))
     return 0 if job.status in (JobStatus.SUCCEEDED, JobStatus.SKIPPED) else 1
 
@@ -197,13 +201,16 @@ def job_record(job: FinetuneJob, sweep_name: str) -> dict:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = store.list_jobs(get_engine(get_settings().database_url))
+    engine = get_engine(get_settings().database_url)
+    jobs = store.list_jobs(engine)
     if args.json:
         print(json.dumps([job_record(job, name) for job, name in jobs], indent=2))
         return 0
     if not jobs:
-        print("no fine-tune jobs yet: they start when a sweep's dataset is ready "
-              "(or with `python -m producer finetune SWEEP`)", file=sys.stderr)
+        from models.db import describe_database
+
+        print(f"no fine-tune jobs yet in {describe_database(engine)}: they start when a sweep's dataset is "
+              "ready (or with `python -m producer finetune SWEEP`)", file=sys.stderr)
         return 0
     print(JOBS_ROW.format("id", "sweep", "backend", "status", "est. tokens", "est. cost", "job / model or adapter"))
     for job, name in jobs:

@@ -9,6 +9,7 @@ are tiny because the finalizer reads the database, never the chord's results.
 from __future__ import annotations
 
 import logging
+import sys
 
 from celery import Celery
 from celery.signals import worker_process_init
@@ -70,7 +71,12 @@ for noisy in ("httpx", "httpx2"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 app = Celery("gridtune", include=["worker.tasks"])
-app.conf.update(celery_config(get_settings()))
+try:
+    app.conf.update(celery_config(get_settings()))
+except UserError as exc:
+    # A worker started with a bad environment: one line naming the variable, exit 2 (no traceback).
+    print(f"gridtune: error: {exc}", file=sys.stderr)
+    raise SystemExit(exc.exit_code) from None
 
 
 @worker_process_init.connect

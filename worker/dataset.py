@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from gridtune.backend_rules import min_usable_examples
 from gridtune.sweep import SweepConfig
 from models import RowState, SweepState, session_scope, store
 from models.schema import Dataset
@@ -25,6 +26,25 @@ KNOWN_ROLES = {"system", "user", "assistant", "function"}
 KNOWN_MESSAGE_KEYS = {"role", "content", "name", "function_call", "weight"}
 LEGACY_SEPARATOR = " ->"
 LEGACY_STOP = " END"
+# The one finish reason that means the answer is whole. Everything else (length, content_filter,
+# tool_calls, any value a gateway invents) is an incomplete answer and never becomes training data.
+# A missing finish_reason (some compatible servers send none) is taken as whole: nothing says otherwise.
+COMPLETE_FINISH_REASONS = frozenset({"stop"})
+
+
+def incomplete_reason(finish_reason: str | None) -> str | None:
+    """The `dropped` key for an answer that is not whole, or None when it is.
+
+    "length" -> "truncated", "content_filter" -> "content_filter", any other value v ->
+    "finish_reason=v"; "stop" and None -> None.
+    """
+    if finish_reason is None or finish_reason in COMPLETE_FINISH_REASONS:
+        return None
+    if finish_reason == "length":
+        return "truncated"
+    if finish_reason == "content_filter":
+        return "content_filter"
+    return f"finish_reason={finish_reason}"
 
 
 def validate_example(example: Any) -> list[str]:
@@ -51,17 +71,37 @@ def validate_example(example: Any) -> list[str]:
     return problems
 
 
-def chat_example(config: SweepConfig, input_text: str, response: str) -> dict[str, Any]:
+# --- the training format: one definition for the uploaded file, `ask` and any evaluation -------
+# The file that is uploaded (and trained on locally) is always the chat-format train.jsonl; the
+# optional legacy.jsonl is an export for other tools and is never trained on by gridtune. So the
+# tuned model has seen exactly `prompt_messages(...)` followed by its answer, with no separator
+# and no stop word; whoever samples it must send the same.
+
+
+def prompt_messages(config: SweepConfig, input_text: str) -> list[dict[str, str]]:
+    """The turns a training example shows before the answer: [system?, user(input_text)]."""
     messages = []
     if config.templates.system:
         messages.append({"role": "system", "content": config.templates.system})
     messages.append({"role": "user", "content": input_text})
-    messages.append({"role": "assistant", "content": response})
-    return {"messages": messages}
+    return messages
+
+
+def prompt_stop(config: SweepConfig) -> list[str] | None:
+    """Stop sequences for sampling the tuned model: none, since chat examples end with the answer."""
+    return None
+
+
+def chat_example(config: SweepConfig, input_text: str, response: str) -> dict[str, Any]:
+    """One training line: prompt_messages + the assistant's answer."""
+    return {"messages": prompt_messages(config, input_text) + [{"role": "assistant", "content": response}]}
 
 
 def legacy_example(input_text: str, response: str) -> dict[str, str]:
-    """The tutorial's prompt/completion form: separator ' ->', leading space, stop word ' END'."""
+    """The tutorial's prompt/completion form: separator ' ->', leading space, stop word ' END'.
+
+    An export for tools that train on prompt/completion pairs; gridtune itself never uploads it.
+    """
     return {"prompt": input_text + LEGACY_SEPARATOR, "completion": " " + response.strip() + LEGACY_STOP}
 
 
@@ -88,6 +128,8 @@ class DatasetSummary:
     legacy_path: Path | None
     dropped: dict[str, int] = field(default_factory=dict)
     encoding: str = "o200k_base"
+    inputs: int = 0  # distinct inputs with a whole answer
+    identical_inputs: int = 0  # of those, inputs answered more than once, always with the same text
 
 
 class _Writer:
@@ -116,13 +158,21 @@ class _Writer:
 def write_dataset(
     rows: Iterable[tuple[str, str | None, str | None, str]], config: SweepConfig, out_dir: Path
 ) -> DatasetSummary:
-    """rows: (state, finish_reason, response_text, input_text). Writes train/validation(/legacy) JSONL."""
+    """Writes train/validation(/legacy) JSONL; returns what went where and what was dropped why.
+
+    rows: (state, finish_reason, response_text, input_text[, refusal]). Dropped (each its own
+    count): failed rows, answers that are not whole (`incomplete_reason`: truncated,
+    content_filter, finish_reason=<other>), refused answers, duplicates, invalid and too long
+    examples. `identical_inputs` counts inputs answered more than once, always with the same text.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = config.dataset
     encoding = encoding_name(config.finetune.base_model)
     limit = config.finetune.max_example_tokens
-    dropped = {"failed": 0, "truncated": 0, "duplicates": 0, "too_long": 0, "invalid": 0}
+    dropped: dict[str, int] = {"failed": 0, "truncated": 0, "duplicates": 0, "too_long": 0, "invalid": 0}
     seen: set[bytes] = set()
+    # input -> (its one answer so far, None once answers differ; how many usable answers)
+    answers: dict[str, tuple[bytes | None, int]] = {}
     train = Split(out_dir / "train.jsonl")
     validation = Split(out_dir / "validation.jsonl") if settings.validation_fraction > 0 else None
     writers = {id(train): _Writer(train.path)}
@@ -130,14 +180,20 @@ def write_dataset(
         writers[id(validation)] = _Writer(validation.path)
     legacy = _Writer(out_dir / "legacy.jsonl") if settings.legacy_format else None
     try:
-        for state, finish_reason, response, input_text in rows:
+        for state, finish_reason, response, input_text, *refusal in rows:
             if state != RowState.OK or not response:
                 dropped["failed"] += 1
                 continue
-            if finish_reason == "length":
-                dropped["truncated"] += 1
+            if why := incomplete_reason(finish_reason):
+                dropped[why] = dropped.get(why, 0) + 1
+                continue
+            if refusal and refusal[0]:
+                dropped["refused"] = dropped.get("refused", 0) + 1
                 continue
             key = hashlib.sha1(f"{input_text}\x00{response}".encode()).digest()
+            answer = hashlib.sha1(response.encode()).digest()
+            first, count = answers.get(input_text, (answer, 0))
+            answers[input_text] = (first if first == answer else None, count + 1)
             if key in seen:
                 dropped["duplicates"] += 1
                 continue
@@ -174,7 +230,32 @@ def write_dataset(
         if legacy:
             legacy.discard()
         raise
-    return DatasetSummary(train, validation, legacy_path, dropped, encoding)
+    repeated = sum(1 for answer, count in answers.values() if answer is not None and count > 1)
+    return DatasetSummary(train, validation, legacy_path, dropped, encoding,
+                          inputs=len(answers), identical_inputs=repeated)
+
+
+def likely_causes(dropped: dict[str, int], inputs: int | None, identical_inputs: int | None,
+                  kept: int = 0) -> list[str]:
+    """What the drop counts say about the sweep, each with its likely cause (for summaries).
+
+    dropped: the finalizer's counts; inputs / identical_inputs: see DatasetSummary; kept: the
+    examples written (train + validation). Notes: most inputs answered identically on every repeat,
+    most answers truncated, and any other incomplete answers.
+    """
+    causes = []
+    answered = sum(n for why, n in dropped.items() if why != "failed") + kept
+    if identical_inputs and inputs and identical_inputs * 2 > inputs:
+        causes.append(f"{identical_inputs} of {inputs} inputs got the same answer on every repeat: the server "
+                      "probably ignores temperature/top_p/seed (some need a field of their own to sample: "
+                      "set it under [model.extra_body])")
+    truncated = dropped.get("truncated", 0)
+    if truncated and truncated * 2 > answered:
+        causes.append(f"{truncated} answers were cut at [model] max_output_tokens: raise it")
+    incomplete = {why: n for why, n in dropped.items() if n and (why == "content_filter" or why.startswith("finish_reason="))}
+    if incomplete:
+        causes.append("incomplete answers left out: " + ", ".join(f"{n} {why}" for why, n in incomplete.items()))
+    return causes
 
 
 @dataclass(frozen=True)
@@ -184,9 +265,9 @@ class FinalizeResult:
     message: str = ""
 
 
-def _rows(ctx: WorkerContext, sweep_id: int) -> Iterator[tuple[str, str | None, str | None, str]]:
+def _rows(ctx: WorkerContext, sweep_id: int) -> Iterator[tuple[str, str | None, str | None, str, str | None]]:
     for row in store.iter_rows(ctx.engine, sweep_id):
-        yield row.state, row.finish_reason, row.response_text, row.input_text
+        yield row.state, row.finish_reason, row.response_text, row.input_text, row.refusal
 
 
 def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
@@ -205,11 +286,16 @@ def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
     out_dir = ctx.settings.data_dir / sweep.name
     summary = write_dataset(_rows(ctx, sweep_id), config, out_dir)
     dropped = ", ".join(f"{n} {why}" for why, n in summary.dropped.items() if n) or "none"
-    if summary.train.examples < config.dataset.min_examples:
+    needed = min_usable_examples(config)
+    if summary.train.examples < needed:
         message = (
-            f"only {summary.train.examples} usable training examples (at least "
-            f"{config.dataset.min_examples} needed); dropped: {dropped}"
+            f"only {summary.train.examples} usable training examples (at least {needed} needed"
+            f"{'' if needed == config.dataset.min_examples else f' by the {config.finetune.backend} backend'}); "
+            f"dropped: {dropped}"
         )
+        kept = summary.train.examples + (summary.validation.examples if summary.validation else 0)
+        if causes := likely_causes(summary.dropped, summary.inputs, summary.identical_inputs, kept):
+            message += "; " + "; ".join(causes)
         if sweep.stop_reason:
             message += f"; the sweep was stopped: {sweep.stop_reason}"
         store.set_sweep_state(engine, sweep_id, SweepState.FAILED, message)
@@ -229,6 +315,8 @@ def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
             validation_sha256=summary.validation.sha256 if summary.validation else None,
             dropped=summary.dropped,
             encoding=summary.encoding,
+            inputs=summary.inputs,
+            identical_inputs=summary.identical_inputs,
         )
         session.add(dataset)
         session.flush()

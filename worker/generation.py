@@ -7,6 +7,7 @@ inline would hold a worker slot too long. It never raises for API trouble, so th
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from gridtune.errors import UserError
 from gridtune.sweep import Request, SweepConfig, request_at
 from models import RowState, SweepState, store
 from models.schema import utcnow
-from worker import llm
+from worker import health, llm
 from worker.context import WorkerContext
 from worker.spend import RequestSpend
 from worker.tokens import count_messages, encoding_name
@@ -47,11 +48,15 @@ def build_messages(config: SweepConfig, prompt: str) -> list[dict[str, str]]:
 
 
 def request_params(config: SweepConfig, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The keyword arguments of chat.completions.create: model, messages, the token limit, the
+    sampling parameters the config sets (no others) and `extra_body` when the config has one."""
     model = config.model
     params: dict[str, Any] = {"model": model.name, "messages": messages, model.token_param: model.max_output_tokens}
     for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed", "stop"):
-        if (value := getattr(model, name)) is not None:
+        if (value := getattr(model, name)) is not None:  # only what the config sets
             params[name] = value
+    if model.extra_body:
+        params["extra_body"] = dict(model.extra_body)  # server-specific fields, merged into the JSON body
     return params
 
 
@@ -138,25 +143,36 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
 
         attempts += 1
         began = time.monotonic()
+        body = None
         try:
             raw = client.chat.completions.with_raw_response.create(**params)
             ctx.limiter.observe(key, raw.headers)
-            completion = raw.parse()
+            body = json.loads(raw.content)  # not JSON: ValueError, classified as malformed below
+            # A 2xx is not always a completion: some gateways answer 200 {"error": {...}}.
+            failure = llm.completion_problem(body, raw.headers)
         except Exception as exc:  # noqa: BLE001 - every failure is classified below
             response = getattr(exc, "response", None)
             if response is not None:
                 ctx.limiter.observe(key, response.headers)
-            ctx.limiter.settle(key, reserved, 0)  # a refused or failed call used no tokens
             failure = llm.classify(exc)
+        if failure is not None:
+            ctx.limiter.settle(key, reserved, 0)  # a refused or failed call used no tokens
             spend.release(failure.kind)
             if failure.kind == "rate_limited":
                 rate_limited += 1
                 wait = failure.retry_after if failure.retry_after else llm.backoff(rate_limited, settings.backoff_cap)
                 ctx.limiter.cool_down(key, wait)  # the whole cluster pauses, not just this task
                 give_up = rate_limited >= settings.max_attempts * 4
+                endpoint_dead = None
             else:
                 wait = failure.retry_after if failure.retry_after else llm.backoff(attempts, settings.backoff_cap)
                 give_up = not failure.retryable or attempts - rate_limited >= settings.max_attempts
+                endpoint_dead = health.failed(ctx, sweep, failure)
+            if endpoint_dead:
+                # Every recent request failed the same way: stop the sweep now, as for an auth failure.
+                if store.stop_sweep(engine, sweep_id, llm.redact(endpoint_dead, settings)):
+                    log.error("sweep %s stopped: %s", sweep.name, llm.redact(endpoint_dead, settings))
+                return fail(failure.kind, failure.message + f" (attempt {attempts}; the sweep was stopped)")
             if give_up:
                 if failure.stops_sweep and store.stop_sweep(engine, sweep_id, llm.redact(failure.message, settings)):
                     log.error("sweep %s stopped: %s", sweep.name, llm.redact(failure.message, settings))
@@ -169,23 +185,79 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
             time.sleep(wait)
             continue
 
+        health.succeeded(ctx, sweep)
         latency_ms = (time.monotonic() - began) * 1000
-        usage = completion.usage
-        if usage is not None:
-            ctx.limiter.settle(key, reserved, usage.total_tokens)
-        choice = completion.choices[0] if completion.choices else None
-        content = choice.message.content if choice is not None else None
+        answer = read_completion(body)
+        if answer.total_tokens is not None:
+            ctx.limiter.settle(key, reserved, answer.total_tokens)
+        content, refusal = answer.content, answer.refusal
         common = dict(
-            model=completion.model, finish_reason=choice.finish_reason if choice else None,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
+            model=answer.model, finish_reason=answer.finish_reason, refusal=refusal,
+            prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
             latency_ms=round(latency_ms, 1), attempts=attempts, rate_limited=rate_limited, started_at=started,
-            cost_usd=spend.settle(usage),
+            # The answer carries prompt_tokens / completion_tokens (None when the provider sent no usage).
+            cost_usd=spend.settle(answer if answer.prompt_tokens is not None and answer.completion_tokens is not None
+                                  else None),
         )
-        if not content:
+        if not content and refusal:
+            values = _row(sweep_id, request, state=RowState.FAILED, error_kind="refused",
+                          error=f"the model refused: {refusal}", response_text=None, **common)
+        elif not content:
             values = _row(sweep_id, request, state=RowState.FAILED, error_kind="empty",
-                          error="the model returned no text", response_text=content, **common)
+                          error="the model returned no text", response_text=None, **common)
         else:
             values = _row(sweep_id, request, state=RowState.OK, response_text=content, **common)
         stored = _store(ctx, values)
         return Outcome(attempts=attempts, rate_limited=rate_limited, stored=stored)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a completion body says, every field of a usable type (None when absent or odd)."""
+
+    content: str
+    refusal: str | None
+    finish_reason: str | None
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+
+
+def read_completion(body: dict[str, Any]) -> Answer:
+    """The first choice and the usage of a chat.completion body (checked by llm.completion_problem).
+
+    Never raises, whatever the types inside: a paid response always becomes a row with its usage.
+    """
+    choice = body["choices"][0] if isinstance(body["choices"][0], dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    total = _count(usage.get("total_tokens"))
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    return Answer(
+        content=_text(message.get("content")),
+        refusal=_text(message.get("refusal")) or None,
+        finish_reason=None if choice.get("finish_reason") is None else str(choice["finish_reason"]),
+        model=None if body.get("model") is None else str(body["model"]),
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=total,
+    )
+
+
+def _count(value: Any) -> int | None:
+    """A token count as an int (servers send 12, 12.0 or "12"); None when it is not one."""
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if 0 <= number < 2**31 else None
+
+
+def _text(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of content parts (some servers)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text") or "") if isinstance(part, dict) else str(part) for part in content)
+    return ""

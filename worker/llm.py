@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from datetime import datetime, timezone
-from typing import Mapping
+from typing import Any, Mapping
 
 import openai
 
 from gridtune.errors import UserError
 from gridtune.settings import Settings
+from worker.ratelimit.durations import wait_hint_seconds
 
 LOCAL_PLACEHOLDER_KEY = "sk-local-gridtune"
 
@@ -60,35 +58,35 @@ class Failure:
     retry_after: float | None = None  # what the server asked for, in seconds
 
 
-_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)(ms|s)\b", re.IGNORECASE)
-
-
 def retry_after_seconds(headers: Mapping[str, str] | None, message: str = "") -> float | None:
-    """retry-after-ms, else retry-after (seconds or an HTTP date), else "try again in 6.596s"."""
-    headers = headers or {}
-    try:
-        if (ms := headers.get("retry-after-ms")) is not None:
-            return max(0.0, float(ms) / 1000)
-    except ValueError:
-        pass
-    if (value := headers.get("retry-after")) is not None:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                when = parsedate_to_datetime(value)
-                return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-            except (TypeError, ValueError):
-                pass
-    if match := _TRY_AGAIN.search(message):
-        amount = float(match.group(1))
-        return amount / 1000 if match.group(2).lower() == "ms" else amount
-    return None
+    """The wait the server asked for, in seconds: `worker.ratelimit.wait_hint_seconds` (one parser)."""
+    return wait_hint_seconds(headers, message)
 
 
-def _short(exc: openai.APIStatusError) -> str:
-    code = f" {exc.code}" if getattr(exc, "code", None) else ""
-    return f"HTTP {exc.status_code}{code}: {exc.message}"
+def classify_status(status: int, message: str, code: str | None = None, error_type: str | None = None,
+                    headers: Mapping[str, str] | None = None, prefix: str = "") -> Failure:
+    """What an HTTP status (with the provider's message and error code) means for the row and sweep.
+
+    The one mapping for every error a server names by status, whether it came as a real HTTP
+    status or inside a 2xx body (`completion_problem`). `prefix` starts the stored message.
+    """
+    text = f"{prefix}HTTP {status}{f' {code}' if code else ''}: {message}"
+    if status == 429:
+        if code == "insufficient_quota" or error_type == "insufficient_quota":
+            return Failure("quota", text, retryable=False, stops_sweep=True)
+        return Failure("rate_limited", text, retryable=True, retry_after=retry_after_seconds(headers, message))
+    if status == 401:
+        return Failure("auth", text, retryable=False, stops_sweep=True)
+    if status == 403:
+        return Failure("permission", text, retryable=False, stops_sweep=True)
+    if status == 404:
+        return Failure("not_found", text, retryable=False)
+    if status in (400, 422):
+        return Failure("bad_request", text, retryable=False)
+    # 408, 409 and 5xx are worth another try (as the SDK itself would); other 4xx are not.
+    retryable = status in (408, 409) or status >= 500
+    return Failure("server_error" if status >= 500 else "client_error", text, retryable,
+                   retry_after=retry_after_seconds(headers, message) if retryable else None)
 
 
 def classify(exc: BaseException) -> Failure:
@@ -98,31 +96,63 @@ def classify(exc: BaseException) -> Failure:
         return Failure("timeout", "request timed out", retryable=True)
     if isinstance(exc, openai.APIConnectionError):
         return Failure("connection", f"connection failed: {exc.__cause__ or exc}", retryable=True)
-    if isinstance(exc, openai.RateLimitError):
-        if exc.code == "insufficient_quota" or getattr(exc, "type", None) == "insufficient_quota":
-            return Failure("quota", _short(exc), retryable=False, stops_sweep=True)
-        headers = exc.response.headers if exc.response is not None else {}
-        return Failure("rate_limited", _short(exc), retryable=True,
-                       retry_after=retry_after_seconds(headers, exc.message))
-    if isinstance(exc, openai.AuthenticationError):
-        return Failure("auth", _short(exc), retryable=False, stops_sweep=True)
-    if isinstance(exc, openai.PermissionDeniedError):
-        return Failure("permission", _short(exc), retryable=False, stops_sweep=True)
-    if isinstance(exc, openai.NotFoundError):
-        return Failure("not_found", _short(exc), retryable=False)
-    if isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
-        return Failure("bad_request", _short(exc), retryable=False)
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        # 408, 409 and 5xx are worth another try (as the SDK itself would); other 4xx are not.
-        retryable = status in (408, 409) or status >= 500
         headers = exc.response.headers if exc.response is not None else {}
-        return Failure("server_error" if status >= 500 else "client_error", _short(exc), retryable,
-                       retry_after=retry_after_seconds(headers) if retryable else None)
+        return classify_status(exc.status_code, exc.message, getattr(exc, "code", None),
+                               getattr(exc, "type", None), headers)
     if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
         # A 200 whose body is not the JSON we expect: a broken proxy or server; try again.
         return Failure("malformed", f"malformed response: {exc.__class__.__name__}", retryable=True)
     return Failure("unexpected", f"{exc.__class__.__name__}: {exc}", retryable=False)
+
+
+def _status_named(*candidates: Any) -> int | None:
+    """The first candidate that reads as an HTTP error status (400..599), e.g. 503 or "503"."""
+    for value in candidates:
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and 400 <= value <= 599:
+            return value
+    return None
+
+
+# Error codes some gateways put in a 2xx body without a numeric status.
+_CODE_STATUS = {"rate_limit_exceeded": 429, "insufficient_quota": 429, "invalid_api_key": 401,
+                "model_not_found": 404, "context_length_exceeded": 400, "invalid_request_error": 400}
+
+
+def completion_problem(body: Any, headers: Mapping[str, str] | None = None) -> Failure | None:
+    """Why a 2xx body is not a chat completion (None when it is one).
+
+    An `error` object is classified like the status it names (`error.code`/`error.status`/
+    `status`, or a known error code; else a retryable server error), keeping the provider's
+    message. No `choices` list, or an `object` other than "chat.completion", is `malformed`
+    (retryable, like a body that is not JSON).
+    """
+    if not isinstance(body, dict):
+        return Failure("malformed", "malformed response: the body is not a JSON object", retryable=True)
+    error = body.get("error")
+    if error:
+        details = error if isinstance(error, dict) else {"message": str(error)}
+        message = str(details.get("message") or details.get("msg") or error)[:1000]
+        code = details.get("code")
+        status = _status_named(code, details.get("status"), details.get("status_code"), body.get("status"),
+                               body.get("status_code"))
+        code_text = str(code) if code is not None and not _status_named(code) else None
+        if status is None:
+            status = _CODE_STATUS.get(code_text or "", _CODE_STATUS.get(str(details.get("type")), 500))
+        return classify_status(status, message, code_text, details.get("type"), headers,
+                               prefix="a 2xx body carrying an error: ")
+    kind = body.get("object")
+    if kind is not None and kind != "chat.completion":
+        return Failure("malformed", f"malformed response: object {str(kind)[:80]!r}, not a chat.completion",
+                       retryable=True)
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return Failure("malformed", "malformed response: no choices in the completion", retryable=True)
+    return None
 
 
 def backoff(attempt: int, cap: float, base: float = 1.0) -> float:

@@ -43,6 +43,7 @@ def generate(self, sweep_id: int, index: int, attempts: int = 0, rate_limited: i
         raise self.retry(
             countdown=outcome.retry_in,
             kwargs={"attempts": outcome.attempts, "rate_limited": outcome.rate_limited},
+            argsrepr=getattr(self.request, "argsrepr", None),  # keep the label that names the sweep (producer/enqueue.py)
         )
 
 

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.timeout(240)
 
 API_KEY = "sk-flowertest-0123456789abcdef"
 AUTH = ("flower", "s3cret-pass")
-# Args as Flower shows them: a repr of (sweep_id, index), small integers only.
-ID_ARGS = re.compile(r"^[\[(]\s*\d+\s*,\s*\d+\s*,?\s*[\])]$")
+# Args as Flower shows them: (sweep_id, index), small integers, then the sweep's name for people.
+ID_ARGS = re.compile(r"^\(\d+, \d+\) sweep 'flower'$")
 
 
 def free_port() -> int:

@@ -83,16 +83,23 @@ def test_the_request_uses_the_config(ctx, server):
     }]
 
 
-def test_a_legacy_dataset_asks_with_the_separator_and_stop_word(ctx, server):
-    config = sweep_config(dataset={"legacy_format": True}, system=None, model={"token_param": "max_tokens"})
+@pytest.mark.parametrize("system", [None, "You write superhero descriptions."])
+def test_ask_sends_what_the_uploaded_file_trained_on_even_with_legacy_format(ctx, server, system):
+    # legacy_format only adds an export (legacy.jsonl); the uploaded file is the chat train.jsonl,
+    # so `ask` must send its turns exactly: no " ->" separator, no "END" stop word (issue 13, #6).
+    config = sweep_config(dataset={"legacy_format": True}, system=system, model={"token_param": "max_tokens"})
     sweep, job = tuned_sweep(ctx, config=config)
+    dataset = store.latest_dataset(ctx.engine, sweep.id)
+    uploaded = [json.loads(line) for line in open(dataset.train_path, encoding="utf-8")]
+    example = uploaded[0]["messages"]
+    user_turn = next(m["content"] for m in example if m["role"] == "user")
     recording = Recording()
     ctx.client = openai.OpenAI(api_key="sk-test", base_url=server.base_url, max_retries=0,
                                http_client=httpx2.Client(transport=recording))
-    sample(ctx, sweep, job, QUESTION)
+    sample(ctx, sweep, job, user_turn)
     (body,) = recording.bodies
-    assert body["messages"] == [{"role": "user", "content": QUESTION + " ->"}]
-    assert body["stop"] == ["END"] and body["max_tokens"] == 256
+    assert body["messages"] == example[:-1] and example[-1]["role"] == "assistant"
+    assert "stop" not in body and body["max_tokens"] == 256
 
 
 def test_ask_errors_are_one_line(ctx, capsys):

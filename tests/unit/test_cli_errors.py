@@ -27,6 +27,8 @@ gender = ["man", "woman"]
 [templates]
 prompt = "A {age}-year-old {gender}."
 input = "{age}, {gender}"
+[dataset]
+min_examples = 4
 [finetune]
 backend = "none"
 """

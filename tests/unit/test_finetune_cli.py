@@ -171,3 +171,19 @@ def test_jobs_show_a_local_jobs_losses(env, capsys):
     listed = json.loads(capsys.readouterr().out)
     assert {k: listed[0][k] for k in ("train_loss", "validation_loss_before", "validation_loss_after")} == {
         "train_loss": 0.27, "validation_loss_before": 4.36, "validation_loss_after": 0.35}
+
+
+def test_finetune_refused_by_the_backends_rules_is_one_line_exit_2(server, env, capsys):
+    # Issue 13, #5: the provider would refuse fewer than 10 examples after the upload.
+    ctx = env(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url)
+    sweep, dataset_id = make_sweep(ctx, config=sweep_config(dataset={"min_examples": 3}))
+    train = store.get_dataset(ctx.engine, dataset_id).train_path
+    lines = open(train).read().splitlines()
+    with open(train, "w") as f:
+        f.write("\n".join(lines[:5]) + "\n")
+    assert main(["finetune", "heroes"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("gridtune: error:")]
+    assert errors == [f"gridtune: error: fine-tune of heroes not submitted: the training file has 5 examples, "
+                      f"fewer than 10 (the openai backend's minimum): {train}"]
+    assert ctx.client.files.list().data == []

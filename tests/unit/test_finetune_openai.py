@@ -288,14 +288,50 @@ def test_an_unusable_dataset_fails_the_job_with_a_clear_message(server, tmp_path
     with open(train, "w") as f:
         f.write("\n".join(lines[:4]) + "\n")
     job = store.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
-    assert job.status == JobStatus.FAILED and job.error_code == "too_few_examples"
-    assert "4 examples, fewer than dataset.min_examples = 10" in job.error_message
+    assert job.status == JobStatus.FAILED and job.error_code == "refused_locally"
+    assert "4 examples, fewer than 10 (dataset.min_examples)" in job.error_message
 
     os.remove(train)
     job = store.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
-    assert job.status == JobStatus.FAILED and job.error_code == "dataset_missing"
-    assert train in job.error_message
+    assert job.status == JobStatus.FAILED and job.error_code == "dataset_unreadable"
+    assert train in job.error_message and "no such file" in job.error_message
     assert ctx.client.files.list().data == []  # nothing was uploaded
+
+
+def test_the_providers_minimum_is_checked_before_upload_even_when_the_config_asks_less(server, tmp_path):
+    # Issue 13, #5: min_examples lowered to 3, 5 usable examples, the openai backend: the provider
+    # would refuse fewer than 10 after the upload. Refused here, nothing uploaded, one clear reason.
+    ctx = make_context(tmp_path, server.base_url)
+    sweep, dataset_id = make_sweep(ctx, config=sweep_config(dataset={"min_examples": 3}))
+    train = store.get_dataset(ctx.engine, dataset_id).train_path
+    lines = open(train).read().splitlines()
+    with open(train, "w") as f:
+        f.write("\n".join(lines[:5]) + "\n")
+    job = store.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
+    assert job.status == JobStatus.FAILED and job.error_code == "refused_locally"
+    assert "5 examples, fewer than 10 (the openai backend's minimum)" in job.error_message
+    assert ctx.client.files.list().data == [] and job.provider_job_id is None
+
+
+def test_a_training_file_resaved_with_a_byte_order_mark_is_read(server, tmp_path):
+    ctx = make_context(tmp_path, server.base_url)
+    sweep, dataset_id = make_sweep(ctx)
+    train = store.get_dataset(ctx.engine, dataset_id).train_path
+    text = open(train, encoding="utf-8").read()
+    with open(train, "w", encoding="utf-8-sig") as f:  # as a Windows editor saves it
+        f.write(text)
+    job = store.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
+    assert job.status != JobStatus.FAILED, job.error_message
+    job = store.get_job(ctx.engine, job.id)
+    assert ctx.client.files.content(job.training_file_id).content == text.encode()  # sent as UTF-8, no mark
+
+    sweep, dataset_id = make_sweep(ctx, "latin")
+    train = store.get_dataset(ctx.engine, dataset_id).train_path
+    with open(train, "wb") as f:
+        f.write(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')  # Latin-1
+    job = store.get_job(ctx.engine, finetune.submit(ctx, sweep.id, dataset_id).job_id)
+    assert job.status == JobStatus.FAILED and job.error_code == "dataset_unreadable"
+    assert "not UTF-8 text (byte 46, line 1" in job.error_message
 
 
 def test_the_poll_interval_stays_below_the_visibility_timeout(server, tmp_path):

@@ -55,8 +55,12 @@ def test_grid_indexing_follows_itertools_product_order():
         ("{}", "positional field"),
         ("{height}", "not a declared dimension"),
         ("{age", "templates.prompt"),
-        ("{age:{power}}", "nested fields"),
-        ("{power:d}", "cannot render"),
+        ("{age:{power}}", "is not allowed"),
+        ("{power:d}", "{power:d} is not allowed: write {power}"),
+        # issue 13, #10: conversions and format specs change the text silently
+        ("{age!r:>10}", "{age!r:>10} is not allowed: write {age}"),
+        ("{age!s}", "is not allowed"),
+        ("{age:>10}", "is not allowed"),
     ],
 )
 def test_bad_templates_are_refused_at_load_time(template, message):

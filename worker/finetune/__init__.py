@@ -11,11 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from gridtune.backend_rules import dataset_problems
+from gridtune.errors import UserError
 from models import JobStatus, SweepState, store
 from models.schema import Dataset, FinetuneJob
 from worker.finetune.estimate import estimate_training, example_tokens
 
 log = logging.getLogger(__name__)
+
+# The error code of a job that the backend's rules refused before anything was uploaded.
+REFUSED_LOCALLY = "refused_locally"
 
 
 @dataclass(frozen=True)
@@ -93,16 +98,16 @@ def _check_and_estimate(ctx, job: FinetuneJob, dataset: Dataset, config) -> bool
     engine = ctx.engine
     try:
         counts = example_tokens(dataset.train_path, dataset.encoding)
-    except OSError as exc:
-        store.set_status(engine, job.id, JobStatus.FAILED, error_code="dataset_missing",
-                         error_message=f"cannot read the training file {dataset.train_path}: {exc.strerror}; "
+    except UserError as exc:
+        store.set_status(engine, job.id, JobStatus.FAILED, error_code="dataset_unreadable",
+                         error_message=f"cannot use the training file: {exc}; "
                                          "rebuild the dataset by running the sweep again")
         return False
-    minimum = config.dataset.min_examples
-    if len(counts) < minimum:
-        store.set_status(engine, job.id, JobStatus.FAILED, error_code="too_few_examples",
-                         error_message=f"the training file has {len(counts)} examples, fewer than "
-                                         f"dataset.min_examples = {minimum}: {dataset.train_path}")
+    # The backend's rules, checked here so that nothing is uploaded that the provider would refuse.
+    files = [path for path in (dataset.train_path, dataset.validation_path) if path]
+    if problems := dataset_problems(config, counts, files):
+        store.set_status(engine, job.id, JobStatus.FAILED, error_code=REFUSED_LOCALLY,
+                         error_message=f"not submitted: {'; '.join(problems)}: {dataset.train_path}")
         return False
     estimate = estimate_training(counts, config.finetune)
     store.update_job(engine, job.id, estimated_tokens=estimate.training_tokens,

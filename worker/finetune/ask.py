@@ -8,24 +8,21 @@ from gridtune.errors import UserError
 from gridtune.sweep import SweepConfig
 from models import JobStatus, store
 from models.schema import FinetuneJob, Sweep
-from worker.dataset import LEGACY_SEPARATOR, LEGACY_STOP
+from worker.dataset import prompt_messages, prompt_stop
 from worker.llm import classify, redact
 
 ASK_RETRIES = 2  # one interactive call: let the SDK ride out a blip
 
 
 def ask_messages(config: SweepConfig, text: str) -> list[dict[str, str]]:
-    """The messages training used, with `text` as the user's turn."""
-    messages = []
-    if config.templates.system:
-        messages.append({"role": "system", "content": config.templates.system})
-    content = text + LEGACY_SEPARATOR if config.dataset.legacy_format else text
-    messages.append({"role": "user", "content": content})
-    return messages
+    """The messages training used, with `text` as the user's turn (worker.dataset's one definition)."""
+    return prompt_messages(config, text)
 
 
 def stop_word(config: SweepConfig) -> str | None:
-    return LEGACY_STOP.strip() if config.dataset.legacy_format else None
+    """The stop sequence training taught (worker.dataset.prompt_stop): none for the chat format."""
+    stops = prompt_stop(config)
+    return stops[0] if stops else None
 
 
 def finished_job(engine, sweep: Sweep) -> FinetuneJob:

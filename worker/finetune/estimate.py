@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gridtune import pricing
+from gridtune.errors import UserError
+from gridtune.files import read_text
 from gridtune.sweep import FinetuneSettings
 from worker.tokens import count_messages
 
@@ -28,12 +30,20 @@ def default_epochs(examples: int) -> int:
 
 
 def example_tokens(path: str | Path, encoding: str) -> list[int]:
-    """Token count of every example in a chat-format JSONL file, in file order."""
+    """Token count of every example in a chat-format JSONL file, in file order.
+
+    The file is read by `gridtune.files.read_text` (UTF-8, or a UTF with a byte-order mark: an
+    editor may have re-saved it); UserError names the file and line of anything unusable.
+    """
     counts = []
-    with open(path, encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                counts.append(count_messages(json.loads(line)["messages"], encoding))
+    for number, line in enumerate(read_text(path, "JSONL training file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            counts.append(count_messages(messages, encoding))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{path} line {number}: not a chat-format example ({exc.__class__.__name__})") from None
     return counts
 
 

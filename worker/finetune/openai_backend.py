@@ -16,6 +16,7 @@ from typing import Any
 import openai
 
 from gridtune.errors import UserError
+from gridtune.files import read_text
 from gridtune.sweep import FinetuneSettings
 from models import JobStatus, store
 from models.schema import FinetuneJob
@@ -82,8 +83,8 @@ def start(ctx, job: FinetuneJob) -> Step:
         remote = client.fine_tuning.jobs.create(**request)
     except openai.OpenAIError as exc:
         return api_error(ctx, job, exc, "submitting the fine-tune job")
-    except OSError as exc:
-        return _fail(ctx, job, "dataset_missing", f"cannot read {exc.filename}: {exc.strerror}")
+    except UserError as exc:
+        return _fail(ctx, job, "dataset_unreadable", str(exc))
     return _accepted(ctx, job, remote, f"submitted to the provider as {remote.id}")
 
 
@@ -111,8 +112,9 @@ def poll(ctx, job: FinetuneJob) -> Step:
 
 
 def _upload(ctx, job: FinetuneJob, path: str, column: str) -> str:
-    with open(path, "rb") as content:
-        uploaded = ctx.client.files.create(file=(Path(path).name, content), purpose="fine-tune")
+    # Sent as plain UTF-8 whatever mark or UTF an editor re-saved it with (read like every user file).
+    content = read_text(path, "JSONL training file").encode("utf-8")
+    uploaded = ctx.client.files.create(file=(Path(path).name, content), purpose="fine-tune")
     store.update_job(ctx.engine, job.id, **{column: uploaded.id})
     store.add_event(ctx.engine, job.id, f"uploaded {Path(path).name} as {uploaded.id}",
                     data={"type": "upload", "file_id": uploaded.id})

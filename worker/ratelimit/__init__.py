@@ -23,15 +23,16 @@ The algorithm (GCRA, in the `.lua` files next to this module) guarantees, per bu
 fewer remain than the burst our schedule would allow now, only those are admitted. The
 `x-ratelimit-reset-*` headers add nothing to that (reset = what is used / the rate), and reading
 remaining/reset as a backlog to wait out throttles a client that paces at exactly the limit.
-`parse_go_duration` reads them, and the "try again in 6.596s" of a 429, for callers.
+`parse_go_duration` reads them; `wait_hint_seconds` is the one reader of every wait a refused
+request asks for (retry-after-ms, retry-after, "try again in 1m30s").
 
 Beside the rate budget, `spend.py` holds the spend budget (money, for a sweep's spend cap):
 the abstract `SpendLimiter` with a Redis backend (Lua in `spend_*.lua`) and an in-memory one.
 """
 
-from .durations import parse_go_duration
+from .durations import parse_go_duration, wait_hint_seconds
 from .limiter import IDLE_EXPIRY_SECONDS, Limiter, Limits, NullLimiter, RateLimiter
 from .spend import MemorySpendLimiter, RedisSpendLimiter, Spend, SpendLimiter
 
 __all__ = ["IDLE_EXPIRY_SECONDS", "Limiter", "Limits", "MemorySpendLimiter", "NullLimiter", "RateLimiter",
-           "RedisSpendLimiter", "Spend", "SpendLimiter", "parse_go_duration"]
+           "RedisSpendLimiter", "Spend", "SpendLimiter", "parse_go_duration", "wait_hint_seconds"]

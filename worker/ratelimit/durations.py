@@ -1,9 +1,16 @@
-"""Go's `time.Duration` text format, as OpenAI sends it in `x-ratelimit-reset-*` headers."""
+"""Every duration a server sends: Go's `time.Duration` text (`x-ratelimit-reset-*` headers) and
+the wait hints of refused requests (`retry-after-ms`, `retry-after`, "try again in 1m30s").
+
+One parser for one kind of thing: every place gridtune reads a wait goes through here.
+"""
 
 from __future__ import annotations
 
 import math
 import re
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Mapping
 
 _UNIT_SECONDS = {
     "ns": 1e-9,
@@ -42,3 +49,58 @@ def parse_go_duration(text: str) -> float:
     if position == 0 or not math.isfinite(seconds):
         raise ValueError(f"not a duration: {text!r}")
     return sign * seconds
+
+
+# "Please try again in 1m30s." / "try again in 6.596s" / "try again in 20 seconds": the number and
+# unit words after "try again in", normalised to a Go duration.
+_TRY_AGAIN = re.compile(
+    r"try again in\s+((?:\d+(?:\.\d+)?\s*(?:milliseconds?|ms|seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)"
+    r"(?![a-z])[\s,]*(?:and\s+)?)+)",
+    re.IGNORECASE,
+)
+_WORD_UNITS = (
+    (re.compile(r"milliseconds?", re.I), "ms"), (re.compile(r"seconds?|secs?", re.I), "s"),
+    (re.compile(r"minutes?|mins?", re.I), "m"), (re.compile(r"hours?|hrs?", re.I), "h"),
+)
+
+
+def _finite_wait(seconds: float) -> float | None:
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def wait_hint_seconds(headers: Mapping[str, str] | None, message: str = "") -> float | None:
+    """The one reader of every "wait this long" a server sends, in seconds (None: no usable hint).
+
+    In order: the `retry-after-ms` header (milliseconds), `retry-after` (seconds, or an HTTP date
+    relative to now), then the message's "try again in ..." with ms/s/m/h parts or compounds
+    ("1m30s", "2h", "6.596s", "20 seconds"). Negative waits and dates in the past are 0; text that
+    is none of these is no hint. Never raises.
+    """
+    headers = headers or {}
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            if (wait := _finite_wait(float(ms) / 1000)) is not None:
+                return wait
+        except ValueError:
+            pass
+    if (value := headers.get("retry-after")) is not None:
+        try:
+            if (wait := _finite_wait(float(value))) is not None:
+                return wait
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(value)
+                if when.tzinfo is None:
+                    when = when.replace(tzinfo=timezone.utc)
+                return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+            except (TypeError, ValueError, IndexError, OverflowError):
+                pass
+    if message and (match := _TRY_AGAIN.search(message)):
+        text = match.group(1)
+        for pattern, unit in _WORD_UNITS:
+            text = pattern.sub(unit, text)
+        try:
+            return _finite_wait(parse_go_duration(re.sub(r"[\s,]|and", "", text)))
+        except ValueError:
+            return None
+    return None

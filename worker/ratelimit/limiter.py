@@ -8,7 +8,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.resources import files
+from pathlib import Path
 
 import redis
 
@@ -84,8 +84,9 @@ class NullLimiter(Limiter):
 
 
 def _script_text(name: str) -> str:
-    package = files(__package__)
-    return package.joinpath("common.lua").read_text() + "\n" + package.joinpath(f"{name}.lua").read_text()
+    # Next to this file, however the package was imported (a namespace package has no single root).
+    here = Path(__file__).resolve().parent
+    return (here / "common.lua").read_text(encoding="utf-8") + "\n" + (here / f"{name}.lua").read_text(encoding="utf-8")
 
 
 _SCRIPTS = {name: _script_text(name) for name in ("reserve", "settle", "observe", "cool_down")}
