@@ -65,11 +65,6 @@ class ModelSettings(_Section):
     # "online": one API call per request; "batch": the provider's Batch API (half price, <= 24 h).
     mode: Literal["online", "batch"] = "online"
 
-
-# [model] fields that change how a sweep runs, not what it asks for: changing them on resume is not a
-# different config (and sweeps stored before they existed keep their fingerprint).
-RUN_OPTIONS = ("max_cost_usd", "mode")
-
     @field_validator("extra_body")
     @classmethod
     def _no_standard_fields(cls, body: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -79,6 +74,11 @@ RUN_OPTIONS = ("max_cost_usd", "mode")
             raise ValueError(f"{', '.join(clash)} cannot be set here: use the [model] key of that name "
                              "(stream is not supported)")
         return body
+
+
+# [model] fields that change how a sweep runs, not what it asks for: changing them on resume is not a
+# different config (and sweeps stored before they existed keep their fingerprint).
+RUN_OPTIONS = ("max_cost_usd", "mode")
 
 
 class DatasetSettings(_Section):

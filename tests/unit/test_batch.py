@@ -32,6 +32,8 @@ input = "hero {n}"
 [model]
 name = "gpt-4o-mini"
 max_output_tokens = 300
+[dataset]
+min_examples = 4            # 12 requests: the validation split may leave fewer than 10 to train on
 [finetune]
 backend = "none"
 """

@@ -53,5 +53,5 @@ def test_a_bad_table_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys, text,
 def test_a_missing_table_file_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("GRIDTUNE_PRICES", str(tmp_path / "nope.toml"))
     reset_settings()
-    with pytest.raises(UserError, match="nope.toml: cannot read"):
+    with pytest.raises(UserError, match="nope.toml: no such file"):
         pricing.price("gpt-4o-mini")

@@ -45,7 +45,7 @@ def test_a_bad_price_table_is_one_line(tmp_path):
     from gridtune import pricing
     from gridtune.errors import UserError
 
-    with pytest.raises(UserError, match="models.x needs numbers `input` and `output`"):
+    with pytest.raises(UserError, match="model 'x' needs input and output prices"):
         pricing._table(prices)
 
 
