@@ -16,7 +16,7 @@ SNAP = {
     "name": "superhero", "state": "running", "stop_reason": None, "total": 294, "ok": 116, "failed": 3,
     "done": 119, "remaining": 175, "in_flight": 32, "truncated": 0, "rate_limited": 4,
     "prompt_tokens": 12_000, "completion_tokens": 40_000, "requests_per_minute": 610.3,
-    "tokens_per_minute": 16_479, "spent_usd": 0.0123, "max_cost_usd": None, "seconds_left": 172.0, "errors": {"server_error": 3},
+    "tokens_per_minute": 16_479, "spent_usd": 0.0123, "max_cost_usd": None, "batches": {}, "mode": "online", "seconds_left": 172.0, "errors": {"server_error": 3},
     "finalizer_runs": 0, "elapsed_seconds": 75.2,
     "finetune": {"backend": "openai", "status": "failed", "job_id": None, "fine_tuned_model": None,
                  "error": "not submitted: the training file has 5 examples, fewer than 10 (the openai backend's "
