@@ -148,7 +148,10 @@ def apply(mutant: Mutant, tree: Path) -> bool:
 
 def run_test(test: str, tree: Path) -> tuple[int, float]:
     started = time.monotonic()
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # The copy first on PYTHONPATH: processes the tests start elsewhere (the producer runs in the
+    # test's tmp folder) would otherwise import the original tree through the editable install.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
                             cwd=tree, env=env, capture_output=True, text=True, timeout=900)
     log = tree.parent / f"{tree.name}.{test.replace('/', '_').replace(':', '_')}.log"
