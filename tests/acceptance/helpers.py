@@ -174,9 +174,10 @@ class PrivateRedis:
             self.process.wait(10)
 
 
-def consuming_workers(client: redis.Redis, queue: str = "gridtune") -> int:
-    """How many connections are blocked in BRPOP on `queue`: each running worker has one (what the
-    broker itself records, so it also tells when workers have reconnected to a restarted broker)."""
+def consuming_workers(client: redis.Redis) -> int:
+    """How many connections are blocked in BRPOP: each consuming worker has one (what the broker
+    itself records, so it also tells when workers have reconnected to a restarted broker). Only
+    meaningful on a private broker, where nothing else consumes."""
     clients = client.client_list()
     return sum(1 for c in clients if c.get("cmd") == "brpop" and "b" in c.get("flags", ""))
 
