@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from sqlalchemy.exc import OperationalError, InterfaceError
 
 from gridtune.errors import UserError
@@ -82,6 +83,16 @@ def _store(ctx: WorkerContext, values: dict[str, Any]) -> bool:
             delay = min(delay * 2, 5.0)
 
 
+def _bookkeeping(call, *args) -> None:
+    """Budget bookkeeping once the API has answered (learning headers, settling tokens): if Redis
+    is away it is skipped, so the answer is still stored instead of failing as "unexpected" or
+    being paid for again. (Before the call, a Redis error makes the task retry: worker/tasks.py.)"""
+    try:
+        call(*args)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("rate budget bookkeeping skipped: Redis unavailable (%s)", exc.__class__.__name__)
+
+
 def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: BaseException) -> None:
     """A bug must not lose the row or block the chord: store it as failed with the reason."""
     sweep = store.get_sweep_by_id(ctx.engine, sweep_id)
@@ -132,7 +143,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         began = time.monotonic()
         try:
             raw = client.chat.completions.with_raw_response.create(**params)
-            ctx.limiter.observe(key, raw.headers)
+            _bookkeeping(ctx.limiter.observe, key, raw.headers)
             completion = raw.parse()
         except Exception as exc:  # noqa: BLE001 - every failure is classified below
             response = getattr(exc, "response", None)
@@ -163,7 +174,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         latency_ms = (time.monotonic() - began) * 1000
         usage = completion.usage
         if usage is not None:
-            ctx.limiter.settle(key, reserved, usage.total_tokens)
+            _bookkeeping(ctx.limiter.settle, key, reserved, usage.total_tokens)
         choice = completion.choices[0] if completion.choices else None
         content = choice.message.content if choice is not None else None
         common = dict(

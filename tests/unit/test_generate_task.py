@@ -82,3 +82,32 @@ def test_an_unexpected_error_becomes_a_failed_internal_row_and_the_task_succeeds
     assert row.request_index == 4 and row.state == RowState.FAILED and row.error_kind == "internal"
     assert row.error == "RuntimeError: a bug in gridtune"
     assert row.params == {"age": 90, "power": "flight"}  # the request's own grid cell
+
+
+def test_redis_lost_after_the_api_answered_the_answer_is_stored(tmp_path):
+    """Redis goes away between the reservation and the answer (the broker-loss test met this
+    once in ten runs): the bookkeeping after the call is skipped and the paid answer is stored
+    ok, not failed as "unexpected" and not asked for again."""
+    import fakeredis
+
+    from tests.unit.test_generation import make_context, new_sweep, rows
+    from worker.generation import run_request
+
+    with localapi.running(rpm=10_000) as server:  # it sends x-ratelimit-* headers to learn from
+        ctx = make_context(tmp_path, server)
+        shared = fakeredis.FakeServer()
+        ctx.__dict__["redis"] = fakeredis.FakeRedis(server=shared)
+        reserve = ctx.limiter.reserve
+
+        def reserve_then_lose_redis(*args):
+            wait = reserve(*args)
+            shared.connected = False  # every later command raises redis.ConnectionError
+            return wait
+
+        ctx.limiter.reserve = reserve_then_lose_redis
+        sweep = new_sweep(ctx)
+        outcome = run_request(ctx, sweep.id, 2)
+        assert outcome.stored and outcome.retry_in is None
+        row = rows(ctx, sweep)[2]
+        assert row.state == RowState.OK and row.attempts == 1, (row.state, row.error_kind, row.error)
+        assert server.stats()["accepted"] == 1
