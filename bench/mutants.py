@@ -94,8 +94,10 @@ MUTANTS = [
     Mutant("redis-errors-retried", "§4 Redis errors retried, never failed rows", "worker/tasks.py",
            "    except (*DB_UNAVAILABLE, redis.ConnectionError, redis.TimeoutError) as exc:",
            "    except DB_UNAVAILABLE as exc:",
-           ("tests/unit/test_generate_task.py::test_redis_unreachable_means_retry_later_never_a_failed_row",
-            f"{REL}::test_broker_lost_and_restarted_empty")),
+           # (test_broker_lost_and_restarted_empty asserts no failed rows too, but since Redis errors
+           # after the API answered are skipped (_bookkeeping), a task rarely meets the loss in
+           # reserve(): that test does not kill this mutant reliably.)
+           ("tests/unit/test_generate_task.py::test_redis_unreachable_means_retry_later_never_a_failed_row",)),
     Mutant("redis-after-answer-observe", "§4 Redis lost after the API answered: answer stored", "worker/generation.py",
            "            _bookkeeping(ctx.limiter.observe, key, raw.headers)",
            "            ctx.limiter.observe(key, raw.headers)",
