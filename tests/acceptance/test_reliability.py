@@ -123,18 +123,21 @@ def test_broker_lost_and_restarted_empty(private_redis, postgres_db, start_worke
     `sweep` with the same name (the documented recovery) sends only the missing requests and
     completes the sweep, finalizer once."""
     total = 300
-    with localapi.running(latency_ms=150) as api:
+    with localapi.running(latency_ms=300) as api:
         env = worker_env(private_redis.url, postgres_db, api, tmp_path / "gridtune-data")
         config = small_config(tmp_path / "broker.toml", total)
-        workers = start_workers(2, env, concurrency=10)
+        # Enqueue first, then start the workers: the broker is lost while most messages are still
+        # queued, polled on the queue itself (however slowly the machine runs the producer).
         sent = run_producer(["sweep", "--config", str(config), "--name", "broker"], producer_env(env), tmp_path, 60)
         assert sent.returncode == 0, sent.stderr
-        wait_for(lambda: row_count(postgres_db, "broker") >= 30, 60, 0.1, "the sweep to get going")
+        r = redis.Redis.from_url(private_redis.url)
+        assert r.llen("gridtune") == total
+        workers = start_workers(2, env, concurrency=10)
+        wait_for(lambda: r.llen("gridtune") <= total - 50, 60, 0.02, "the sweep to get going")
         private_redis.stop()
         at_loss = row_count(postgres_db, "broker")
         assert at_loss < total, "the sweep finished before the broker was lost"
         private_redis.start()  # same port, empty
-        r = redis.Redis.from_url(private_redis.url)
 
         # Both workers consume again from the new server (what it records: their blocked BRPOPs).
         wait_for(lambda: consuming_workers(r) >= 2 or not all(w.alive() for w in workers), 60, 0.2,
