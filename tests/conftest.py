@@ -13,6 +13,10 @@ from sqlalchemy.engine import make_url
 
 from tests.support import POSTGRES_URL, REDIS_URL, WorkerProcess, clean_env, wait_for
 
+# Read once, at import: the autouse fixture below removes every GRIDTUNE_* variable before a test
+# runs, and concurrent test runs on one machine rely on this one to keep out of each other's way.
+TEST_REDIS_DB = os.environ.get("GRIDTUNE_TEST_REDIS_DB")
+
 
 @pytest.fixture(autouse=True)
 def _isolated_settings(monkeypatch, tmp_path):
@@ -42,7 +46,7 @@ def redis_server() -> str:
 def redis_db(redis_server) -> str:
     """A flushed Redis database of its own (1..14) for one test."""
     # GRIDTUNE_TEST_REDIS_DB lets concurrent test runs on one machine keep out of each other's way.
-    db = int(os.environ.get("GRIDTUNE_TEST_REDIS_DB") or
+    db = int(TEST_REDIS_DB or
              int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 14 + 1)
     url = f"{redis_server}/{db}"
     redis.Redis.from_url(url).flushdb()

@@ -16,6 +16,11 @@ from celery.signals import worker_process_init
 
 from gridtune.errors import UserError
 from gridtune.settings import Settings, get_settings
+from worker.broker import guard_closed_transport
+
+# kombu 5.7 can end a worker on broker loss with an AttributeError; make it a connection error
+# that the consumer's reconnect loop handles (see worker/broker.py).
+guard_closed_transport()
 
 EMBEDDED_BACKEND = "worker.embedded:InProcessRedisBackend"
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from sqlalchemy.exc import OperationalError, InterfaceError
 
 from gridtune.errors import UserError
@@ -88,6 +89,16 @@ def _store(ctx: WorkerContext, values: dict[str, Any]) -> bool:
             delay = min(delay * 2, 5.0)
 
 
+def _bookkeeping(call, *args) -> None:
+    """Budget bookkeeping once the API has answered (learning headers, settling tokens): if Redis
+    is away it is skipped, so the answer is still stored instead of failing as "unexpected" or
+    being paid for again. (Before the call, a Redis error makes the task retry: worker/tasks.py.)"""
+    try:
+        call(*args)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("rate budget bookkeeping skipped: Redis unavailable (%s)", exc.__class__.__name__)
+
+
 def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: BaseException) -> None:
     """A bug must not lose the row or block the chord: store it as failed with the reason."""
     sweep = store.get_sweep_by_id(ctx.engine, sweep_id)
@@ -146,7 +157,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         body = None
         try:
             raw = client.chat.completions.with_raw_response.create(**params)
-            ctx.limiter.observe(key, raw.headers)
+            _bookkeeping(ctx.limiter.observe, key, raw.headers)
             body = json.loads(raw.content)  # not JSON: ValueError, classified as malformed below
             # A 2xx is not always a completion: some gateways answer 200 {"error": {...}}.
             failure = llm.completion_problem(body, raw.headers)
@@ -189,7 +200,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         latency_ms = (time.monotonic() - began) * 1000
         answer = read_completion(body)
         if answer.total_tokens is not None:
-            ctx.limiter.settle(key, reserved, answer.total_tokens)
+            _bookkeeping(ctx.limiter.settle, key, reserved, answer.total_tokens)
         content, refusal = answer.content, answer.refusal
         common = dict(
             model=answer.model, finish_reason=answer.finish_reason, refusal=refusal,

@@ -7,8 +7,17 @@ from tests.acceptance.helpers import PrivateRedis, free_port
 
 @pytest.fixture
 def private_redis(tmp_path):
-    server = PrivateRedis(free_port(), tmp_path)
-    server.start()
+    # free_port() releases the port before redis-server binds it: another test run on this
+    # machine may take it in between. start() notices (the server on the port is not ours).
+    for attempt in range(5):
+        server = PrivateRedis(free_port(), tmp_path)
+        try:
+            server.start()
+            break
+        except AssertionError:
+            server.stop()
+            if attempt == 4:
+                raise
     yield server
     server.stop()
 

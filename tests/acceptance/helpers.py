@@ -124,6 +124,13 @@ def enqueued_count(stderr: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
+def resume_counts(stderr: str) -> tuple[int, int]:
+    """(requests enqueued, already done) from `sweep`'s summary line."""
+    match = re.search(r"([\d,]+) requests enqueued, ([\d,]+) already done", stderr)
+    assert match, stderr
+    return int(match.group(1).replace(",", "")), int(match.group(2).replace(",", ""))
+
+
 def wait_finished(db_url: str, name: str, timeout: float):
     return wait_for(lambda: (s := sweep_row(db_url, name)) is not None and s.state in ("done", "failed") and s,
                     timeout, 0.5, f"sweep {name} to finish")
@@ -142,13 +149,17 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start (or restart, on the same port) and make sure the server answering is this one: a
+        port chosen by free_port() can be taken by another test run in between."""
         binary = shutil.which("redis-server")
         assert binary, "redis-server is required"
         self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                          "--appendonly", "no", "--dir", str(self.workdir)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-        wait_for(lambda: self._ping(client), 10, 0.05, "the private redis-server")
+        wait_for(lambda: self.process.poll() is not None or self._ping(client), 10, 0.05, "the private redis-server")
+        assert self.process.poll() is None, f"redis-server could not listen on port {self.port} (taken?)"
+        assert client.info("server")["process_id"] == self.process.pid, f"port {self.port} answers another server"
 
     @staticmethod
     def _ping(client) -> bool:
@@ -161,6 +172,24 @@ class PrivateRedis:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def consuming_workers(client: redis.Redis) -> int:
+    """How many connections are blocked in BRPOP: each consuming worker has one (what the broker
+    itself records, so it also tells when workers have reconnected to a restarted broker). Only
+    meaningful on a private broker, where nothing else consumes."""
+    clients = client.client_list()
+    return sum(1 for c in clients if c.get("cmd") == "brpop" and "b" in c.get("flags", ""))
+
+
+def log_tails(workers, lines: int = 40) -> str:
+    """The end of each worker's log, for failure messages (a dead or stuck worker says why)."""
+    parts = []
+    for worker in workers:
+        tail = worker.output().splitlines()[-lines:]
+        state = "alive" if worker.alive() else f"exited {worker.process.returncode}"
+        parts.append(f"--- {worker.name} ({state}) ---\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ counts the busiest 60 s window; the workers share the budget through Redis.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -47,16 +46,17 @@ backend = "none"
         start_workers(4, env, concurrency=8)
         result = run_producer(["sweep", "--config", str(config), "--name", "budget"], producer_env(env), tmp_path, 60)
         assert result.returncode == 0, result.stderr
-        started = time.monotonic()
         sweep = wait_finished(postgres_db, "budget", 150)
-        elapsed = time.monotonic() - started
         stats = api.stats()
 
     assert sweep.state == "done" and sweep.finalizer_runs == 1
     assert_one_row_per_request(postgres_db, "budget", TOTAL)
-    assert stats["max_requests_per_60s"] <= RPM, stats
+    # The server refuses whatever overruns its budget (a bucket of 1 s of the rate, and the 60 s
+    # window): four workers pacing on their own (4 x 20/s) would be refused by the hundred.
     assert stats["rate_limited"] < 0.01 * stats["requests"], stats
-    # The budget is used, not just respected: close to 20/s, never a burst of the whole sweep.
+    # What the server accepted was spread as the budget allows: TOTAL requests at 20/s, less one
+    # burst, take at least this long (a busy machine only makes it longer; speed is in bench/).
     window = stats["last_accepted_at"] - stats["first_accepted_at"]
     assert window >= (TOTAL - RPM / 60) / (RPM / 60) * 0.95, stats
-    assert elapsed < TOTAL / (RPM / 60) * 2, f"took {elapsed:.0f}s"
+    # (The 60 s window bound itself needs more than RPM requests, i.e. over a minute of traffic:
+    # it is proven on a simulated clock in tests/unit/test_ratelimit*.py.)

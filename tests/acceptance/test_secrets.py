@@ -14,7 +14,6 @@ import json
 import secrets
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import redis
@@ -25,6 +24,7 @@ from sqlalchemy.pool import NullPool
 import localapi
 from tests.acceptance.helpers import (
     sa_url,
+    sweep_row,
 )
 from tests.support import clean_env, wait_for
 
@@ -127,10 +127,15 @@ def test_api_key_never_leaves_the_workers(redis_db, postgres_db, start_workers, 
         as_sent = dump_redis(client)
         messages = client.lrange("gridtune", 0, -1)
         assert len(messages) == total
-        first = json.loads(messages[0])
-        assert first["headers"]["task"] == "gridtune.generate"
-        body = json.loads(base64.b64decode(first["body"]))
-        assert body[0] == [body[0][0], body[0][1]] and isinstance(body[0][1], int)  # (sweep_id, index) only
+        sweep_id = sweep_row(postgres_db, "secret").id
+        indices = []
+        for raw in messages:
+            message = json.loads(raw)
+            assert message["headers"]["task"] == "gridtune.generate"
+            args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+            assert len(args) == 2 and args[0] == sweep_id and not kwargs, (args, kwargs)  # (sweep_id, index) only
+            indices.append(args[1])
+        assert sorted(indices) == list(range(total))
         assert occurrences(as_sent, needles) == []
 
         # 2. Only the workers get the key (one of them logs at DEBUG).
@@ -183,6 +188,7 @@ def test_api_key_never_leaves_the_workers(redis_db, postgres_db, start_workers, 
         for needle in needles:
             assert needle not in content, f"{path.name} contains the key"
     # The datasets written by the finalizer do not carry it either.
-    for path in Path(tmp_path / "gridtune-data").rglob("*") if (tmp_path / "gridtune-data").exists() else []:
-        if path.is_file():
-            assert all(needle not in path.read_bytes() for needle in needles), path
+    written = [path for path in (tmp_path / "gridtune-data").rglob("*") if path.is_file()]
+    assert "train.jsonl" in {path.name for path in written}, written
+    for path in written:
+        assert all(needle not in path.read_bytes() for needle in needles), path

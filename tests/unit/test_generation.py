@@ -85,8 +85,11 @@ def test_transient_faults_are_retried_until_ok(tmp_path, fault):
             assert run_request(ctx, sweep.id, index).retry_in is None
         stored = rows(ctx, sweep)
         assert [row.state for row in stored.values()] == [RowState.OK] * 6
-        injected = server.stats()["faults"].get(fault, 0)
-        assert injected > 0 and sum(row.attempts for row in stored.values()) == 6 + injected
+        stats = server.stats()
+        # Every attempt reached the server, and some met the fault. (Not "6 + injected": on a busy
+        # machine a healthy reply can miss the 0.5 s timeout too, and is retried like the others.)
+        assert stats["faults"].get(fault, 0) > 0
+        assert sum(row.attempts for row in stored.values()) == stats["requests"] >= 6 + stats["faults"][fault]
 
 
 def test_a_request_that_keeps_failing_ends_as_a_failed_row_with_the_reason(tmp_path):
