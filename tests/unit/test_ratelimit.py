@@ -123,7 +123,26 @@ def test_token_budget_dominates_when_tokens_are_the_constraint(make_limiter, clo
     assert max_in_window(grants) <= 62
 
 
+def random_callers(limiters, clock, rng, max_cost: int, callers: int = 6) -> list[tuple[int, int]]:
+    """`callers` callers spread over the limiters (several processes) ask for random costs for three
+    simulated minutes, retrying after the wait they are told; the (time in µs, cost) of each grant."""
+    next_try = [clock.us + rng.randrange(1_000_000) for _ in range(callers)]
+    end = clock.us + 3 * MINUTE_US
+    grants = []
+    while next_try[caller := min(range(callers), key=next_try.__getitem__)] < end:
+        clock.us = next_try[caller]
+        cost = rng.randint(1, max_cost)
+        wait = limiters[caller % len(limiters)].reserve(KEY, cost)
+        if wait == 0:
+            grants.append((clock.us, cost))
+            next_try[caller] = clock.us + rng.randrange(50_000)
+        else:
+            next_try[caller] = clock.us + round(wait * 1_000_000) + rng.randrange(20_000)
+    return grants
+
+
 @pytest.mark.parametrize("seed", range(3))
+
 @pytest.mark.parametrize(
     ("rpm", "tpm", "max_cost"),
     [(600, 60_000, 400), (600, 600_000, 50), (120, 30_000, 3_000)],
@@ -132,18 +151,9 @@ def test_token_budget_dominates_when_tokens_are_the_constraint(make_limiter, clo
 def test_many_random_callers_never_exceed_the_window_bounds(make_limiter, clock, seed, rpm, tpm, max_cost):
     rng = random.Random(seed)
     limiters = [configured(make_limiter(), rpm, tpm) for _ in range(3)]  # several processes
-    next_try = [clock.us + rng.randrange(1_000_000) for _ in range(6)]
-    start, end = clock.us, clock.us + 3 * MINUTE_US
-    grants = []
-    while (caller := min(range(len(next_try)), key=next_try.__getitem__)) is not None and next_try[caller] < end:
-        clock.us = next_try[caller]
-        cost = rng.randint(1, max_cost)
-        wait = limiters[caller % 3].reserve(KEY, cost)
-        if wait == 0:
-            grants.append((clock.us, cost))
-            next_try[caller] = clock.us + rng.randrange(50_000)
-        else:
-            next_try[caller] = clock.us + round(wait * 1_000_000) + rng.randrange(20_000)
+    start = clock.us
+    grants = random_callers(limiters, clock, rng, max_cost)
+    end = start + 3 * MINUTE_US
 
     burst_requests, burst_tokens = max(rpm // 60, 1), tpm // 60
     assert max_in_window(grants) <= rpm + burst_requests

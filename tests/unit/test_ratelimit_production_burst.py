@@ -22,6 +22,7 @@ from tests.unit.test_ratelimit import (  # noqa: F401 - fixtures
     greedy,
     make_limiter,
     max_in_window,
+    random_callers,
     server,
 )
 from worker.context import WorkerContext
@@ -52,17 +53,6 @@ def test_random_callers_stay_within_limit_plus_the_production_burst(make_limiter
     full random matrix at the 1 s burst lives in test_ratelimit.py)."""
     rng, rpm, tpm, max_cost = random.Random(0), 600, 60_000, 400
     limiters = [configured(production_limiter(make_limiter, server), rpm, tpm) for _ in range(3)]
-    next_try = [clock.us + rng.randrange(1_000_000) for _ in range(6)]
-    end = clock.us + 3 * MINUTE_US
-    grants = []
-    while next_try[caller := min(range(6), key=next_try.__getitem__)] < end:
-        clock.us = next_try[caller]
-        cost = rng.randint(1, max_cost)
-        wait = limiters[caller % 3].reserve(KEY, cost)
-        if wait == 0:
-            grants.append((clock.us, cost))
-            next_try[caller] = clock.us + rng.randrange(50_000)
-        else:
-            next_try[caller] = clock.us + round(wait * 1_000_000) + rng.randrange(20_000)
+    grants = random_callers(limiters, clock, rng, max_cost)
     assert max_in_window(grants) <= rpm + rpm / 60 * PRODUCTION_BURST
     assert max_in_window(grants, tokens=True) <= tpm + tpm / 60 * PRODUCTION_BURST + max(c for _, c in grants)
