@@ -132,7 +132,7 @@ class BatchedGenerator:
         self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         self.context_limit = getattr(model.config, "max_position_embeddings", None) or 4096
         self._waiting: deque[_Row] = deque()
-        self._rows_by_future: dict[int, tuple[_Row]] = {}
+        self._rows_by_future: dict[int, _Row] = {}
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="localapi-generate", daemon=True)
@@ -156,14 +156,15 @@ class BatchedGenerator:
             if self._closed:
                 raise RuntimeError("the generator is closed")
             self._waiting.append(row)
-            self._rows_by_future[id(row.future)] = (row,)
+            self._rows_by_future[id(row.future)] = row
             self._wake.notify()
         return row.future
 
     def abandon(self, future: Future) -> None:
         """The caller no longer waits for `future` (its client went away): stop generating it."""
         with self._wake:
-            for row in self._rows_by_future.pop(id(future), ()):
+            row = self._rows_by_future.pop(id(future), None)
+            if row is not None:
                 row.abandoned = True
 
     def close(self) -> None:
@@ -228,9 +229,9 @@ class BatchedGenerator:
         old_cache, old_mask, old_positions = state
         length = max(old_mask.shape[1], mask.shape[1])
         for old_layer, new_layer in zip(old_cache.layers, cache.layers):
-            old_layer.keys = torch.cat([_left_pad(old_layer.keys, length), _left_pad(new_layer.keys, length)])
-            old_layer.values = torch.cat([_left_pad(old_layer.values, length), _left_pad(new_layer.values, length)])
-        merged_mask = torch.cat([_left_pad_mask(old_mask, length), _left_pad_mask(mask, length)])
+            old_layer.keys = torch.cat([_left_pad(old_layer.keys, length, 2), _left_pad(new_layer.keys, length, 2)])
+            old_layer.values = torch.cat([_left_pad(old_layer.values, length, 2), _left_pad(new_layer.values, length, 2)])
+        merged_mask = torch.cat([_left_pad(old_mask, length, 1), _left_pad(mask, length, 1)])
         return old_cache, merged_mask, torch.cat([old_positions, next_positions])
 
     def _step(self, rows: list[_Row], state):
@@ -324,23 +325,15 @@ def _returned_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
-def _left_pad(tensor, length: int):
-    """[B, H, T, D] -> [B, H, length, D] with zeros in front (masked out)."""
-    missing = length - tensor.shape[-2]
+def _left_pad(tensor, length: int, dim: int):
+    """`tensor` grown to `length` along `dim` with zeros in front: cache keys/values [B, H, T, D]
+    (dim 2) and attention masks [B, T] (dim 1); the zeros are masked out."""
+    missing = length - tensor.shape[dim]
     if missing == 0:
         return tensor
     import torch.nn.functional as F
 
-    return F.pad(tensor, (0, 0, missing, 0))
-
-
-def _left_pad_mask(mask, length: int):
-    missing = length - mask.shape[1]
-    if missing == 0:
-        return mask
-    import torch.nn.functional as F
-
-    return F.pad(mask, (missing, 0))
+    return F.pad(tensor, (0, 0) * (tensor.dim() - 1 - dim) + (missing, 0))
 
 
 class ModelHost:
