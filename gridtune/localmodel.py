@@ -59,7 +59,7 @@ def is_alias(name: str) -> bool:
 
 
 def looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.sep in name and Path(name).expanduser().exists()
+    return name.startswith(("/", "./", "../", "~")) or (os.sep in name and Path(name).expanduser().exists())
 
 
 def is_local_model(name: str) -> bool:

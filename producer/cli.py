@@ -267,7 +267,7 @@ def _sample_tuned(engine, name: str) -> str | None:
         return None
     text = example_input(store.sweep_config(sweep))
     try:
-        # A local adapter is served by a local server (this one's, when it already runs).
+        # A local adapter is served by a local server started for it here; a remote model by the API.
         with worker_context(needs_api=True, local_model=job.fine_tuned_model if job.backend == "local" else None) as ctx:
             answer = sample(ctx, sweep, job, text)
     except UserError as exc:
