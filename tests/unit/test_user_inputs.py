@@ -89,6 +89,22 @@ def test_a_failed_fine_tune_makes_sweep_exit_non_zero(tmp_path):
     assert "next      fix the cause above, then: python -m producer finetune ft" in swept.stdout
 
 
+def test_a_provider_that_refuses_fine_tuning_is_an_expected_outcome(tmp_path):
+    # OpenAI's 403 training_not_available (everyone from 2027-01-06): recorded, explained, exit 0.
+    config = write(tmp_path, GOOD.replace("age = [18, 30]", "age = [18, 30, 40, 50, 60]")
+                   .replace('backend = "none"', 'backend = "openai"')
+                   .replace("min_examples = 4", "min_examples = 10\nvalidation_fraction = 0"))
+    with localapi.running(finetune_outcome="forbidden") as server:
+        swept = subprocess.run([sys.executable, "-m", "producer", "sweep", "--config", config, "--name", "ft"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                               env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url,
+                                             GRIDTUNE_FINETUNE_POLL_SECONDS="0.1",
+                                             DATABASE_URL=f"sqlite:///{tmp_path}/g.db",
+                                             GRIDTUNE_DATA_DIR=str(tmp_path / "data")))
+    assert "unavailable" in swept.stdout, swept.stdout + swept.stderr
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+
+
 # --- 8. every environment variable checked at start-up -------------------------------------------
 @pytest.mark.parametrize(("variable", "value", "expected"), [
     ("GRIDTUNE_MAX_REQUESTS", "abc", "GRIDTUNE_MAX_REQUESTS=abc: must be a valid integer"),
