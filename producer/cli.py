@@ -454,6 +454,17 @@ def _export_training_set(engine, sweep, path: str) -> None:
           f"(validation: {dataset.validation_examples:,} in {dataset.validation_path or 'none'})", file=sys.stderr)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the sweep's HTML report (grid heatmaps, loss curves, dataset report, samples)."""
+    from producer.report import write_report
+
+    path = args.out or get_settings().data_dir / args.name / "report.html"
+    written = write_report(_engine(), args.name, path)
+    print(f"wrote the report of {args.name} to {written} ({written.stat().st_size / 1024:,.0f} KiB): "
+          "open it in a browser", file=sys.stderr)
+    return 0
+
+
 @contextmanager
 def _open_out(path: str):
     try:
@@ -550,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--training-set", help="the finalizer's train.jsonl: deduplicated and validated, what is uploaded")
     export.add_argument("--legacy", action="store_true", help="with --jsonl: prompt/completion form (' ->', ' END')")
     export.set_defaults(handler=cmd_export)
+
+    report = commands.add_parser("report", help="write the sweep's HTML report: heatmaps per cell, loss curves, dataset")
+    report.add_argument("name")
+    report.add_argument("--out", help="the HTML file (default: GRIDTUNE_DATA_DIR/NAME/report.html)")
+    report.set_defaults(handler=cmd_report)
 
     from producer import tuning
 
