@@ -300,6 +300,14 @@ def _eval_section(data: dict[str, Any]) -> str:
     free_cells = [c for c in cells if not _is_grid_cell(c.get("cell") or {}, dims)]
     overall = evaluation.get("overall") or {}
     parts = ["<h2>Did the fine-tune help?</h2>"]
+    if evaluation.get("state") not in (None, "done"):
+        answers, judged = evaluation.get("answers") or {}, evaluation.get("judgements") or {}
+        parts.append(f'<p class="note" id="eval-unfinished">the evaluation is not finished (state '
+                     f"{escape(str(evaluation['state']))}: {_text(answers.get('done'))} of {_text(answers.get('total'))} "
+                     f"answers, {_text(judged.get('done'))} of {_text(judged.get('total'))} verdicts): re-run python -m "
+                     f"producer eval {escape(name)} to finish it; what is below is partial.</p>")
+    if evaluation.get("validation_loss_error"):
+        parts.append(f'<p class="note">no validation loss: {escape(str(evaluation["validation_loss_error"]))}</p>')
     loss = overall.get("validation_loss") or {}
     parts.append(_table(
         ["base model", "tuned model", "judge", "wins", "ties", "losses", "win rate", "invalid verdicts",
@@ -444,13 +452,13 @@ def _dataset_section(data: dict[str, Any]) -> str:
         [[duplicates.get("exact"), near.get("flagged"), near.get("dropped"), near.get("threshold")]],
         table_id="duplicates", numeric=(0, 1, 2, 3)))
     if near.get("pairs"):
-        parts.append(_table(["example a", "example b", "similarity"],
+        parts.append(_table(["request a", "request b", "similarity"],
                             [[p.get("a"), p.get("b"), p.get("similarity")] for p in near["pairs"]],
                             table_id="near-duplicate-pairs", numeric=(0, 1, 2)))
     refusals = report.get("refusals") or {}
     parts.append("<h3>Refusal-like answers</h3>" + _table(
-        ["count", "patterns", "examples"],
-        [[refusals.get("count"), "; ".join(map(str, refusals.get("patterns") or [])) or "-",
+        ["count", "dropped", "patterns", "requests (first ones)"],
+        [[refusals.get("count"), refusals.get("dropped"), "; ".join(map(str, refusals.get("patterns") or [])) or "-",
           ", ".join(map(str, refusals.get("examples") or [])) or "-"]], table_id="refusals"))
     totals = report.get("totals") or {}
     if totals:
@@ -521,11 +529,16 @@ def dataset_report(dataset) -> dict[str, Any] | None:
 
 def evaluation_summary(engine, name: str) -> dict[str, Any] | None:
     """The sweep's evaluation summary, or None when there is no evaluation (or no eval module)."""
+    from gridtune.errors import UserError
+
     try:
         from worker.evaluation import eval_summary
     except ImportError:
         return None
-    return eval_summary(engine, name)
+    try:
+        return eval_summary(engine, name)
+    except UserError:  # "no eval yet" (the sweep itself was found by collect)
+        return None
 
 
 def collect(engine, name: str) -> dict[str, Any]:

@@ -53,7 +53,10 @@ def local_config(base_model: str, **finetune):
     )
 
 
-def test_training_the_packaged_model_lowers_the_validation_loss(ctx, tmp_path, capsys):
+def test_training_the_packaged_model_lowers_the_validation_loss(ctx, tmp_path, capsys, monkeypatch):
+    from worker.finetune import local_backend
+
+    monkeypatch.setattr(local_backend, "VALIDATIONS_DURING_TRAINING", 1)  # one pass mid-way: CPU time
     sweep, dataset_id = make_sweep(ctx, config=local_config("smollm2-135m"))
     assert store.get_dataset(ctx.engine, dataset_id).validation_examples >= 2
 
@@ -76,6 +79,9 @@ def test_training_the_packaged_model_lowers_the_validation_loss(ctx, tmp_path, c
     events = store.events_after(ctx.engine, job.id)
     steps = [e.data["step"] for e in events if e.data and e.data.get("type") == "metrics" and "loss" in e.data]
     assert steps == list(range(1, STEPS + 1))
+    # The validation curve: before (step 0), mid-way (every ceil(STEPS / 2) steps) and after training.
+    validated = [e.data["step"] for e in events if e.data and "validation_loss" in e.data]
+    assert validated == [0, STEPS // 2, STEPS]
     assert f"job {job.id}: step {STEPS}/{STEPS}: loss" in err
     assert f"job {job.id}: validation loss after training" in err
 

@@ -156,3 +156,11 @@ def test_losses_from_local_and_openai_events():
 def test_the_page_stays_small():
     # Text-as-text SVG keeps the tutorial's grid (98 cells, 3 dimensions) well under a megabyte.
     assert len(report.build_html(report_data()).encode()) < 600_000
+
+
+def test_an_unfinished_evaluation_says_so():
+    data = report_data(job=False, dataset=False)
+    data["eval"].update(state="judging", answers={"done": 198, "total": 198}, judgements={"done": 40, "total": 198})
+    page = report.build_html(data)
+    assert "eval-unfinished" in ids(page)
+    assert "state judging: 198 of 198 answers, 40 of 198 verdicts" in page
