@@ -363,6 +363,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the sweep's HTML report (grid heatmaps, loss curves, dataset report, samples)."""
+    from producer.report import write_report
+
+    path = args.out or get_settings().data_dir / args.name / "report.html"
+    written = write_report(_engine(), args.name, path)
+    print(f"wrote the report of {args.name} to {written} ({written.stat().st_size / 1024:,.0f} KiB): "
+          "open it in a browser", file=sys.stderr)
+    return 0
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Stop a sweep: online requests not yet sent store "not sent" rows, batches are cancelled at the
     provider (what they finished is kept); the finalizer still runs once every row exists."""
@@ -452,17 +463,6 @@ def _export_training_set(engine, sweep, path: str) -> None:
         handle.write(data.decode("utf-8"))
     print(f"exported the training set of {sweep.name} to {path}: {dataset.train_examples:,} examples "
           f"(validation: {dataset.validation_examples:,} in {dataset.validation_path or 'none'})", file=sys.stderr)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """Write the sweep's HTML report (grid heatmaps, loss curves, dataset report, samples)."""
-    from producer.report import write_report
-
-    path = args.out or get_settings().data_dir / args.name / "report.html"
-    written = write_report(_engine(), args.name, path)
-    print(f"wrote the report of {args.name} to {written} ({written.stat().st_size / 1024:,.0f} KiB): "
-          "open it in a browser", file=sys.stderr)
-    return 0
 
 
 @contextmanager
