@@ -36,6 +36,8 @@ HEARTBEAT_SECONDS = 30.0
 # A running job whose trainer has been silent this long is taken as dead and may be trained again.
 STALE_AFTER_SECONDS = 600.0
 MAX_LOGGED_STEPS = 200
+# Validation passes during training (besides before and after): the report's validation curve.
+VALIDATIONS_DURING_TRAINING = 3
 EVAL_BATCH = 8
 # trl needs datasets; both are imported here directly.
 TRAINING_MODULES = (*localmodel.TRAINING_STACK, "datasets")
@@ -205,7 +207,8 @@ def _train(ctx, job_id: int, settings: FinetuneSettings, dataset, adapter_dir: P
         # (large models) TRL's default stays: checkpointing on.
         activation_checkpointing=device == "cuda",
         save_strategy="no",
-        eval_strategy="no",
+        # every eval_steps (set with the plan below), for the validation curve
+        eval_strategy="steps" if validation_records else "no",
         report_to="none",
         disable_tqdm=True,
         logging_strategy="steps",
@@ -231,6 +234,10 @@ def _train(ctx, job_id: int, settings: FinetuneSettings, dataset, adapter_dir: P
     plan = Plan.of(settings, usable)
     trainer.args.max_steps = plan.total_steps
     trainer.args.logging_steps = max(1, plan.total_steps // MAX_LOGGED_STEPS)
+    if trainer.eval_dataset is not None and len(trainer.eval_dataset):
+        trainer.args.eval_steps = max(1, math.ceil(plan.total_steps / (VALIDATIONS_DURING_TRAINING + 1)))
+    else:
+        trainer.args.eval_strategy = "no"  # nothing left to validate on
     progress.total = plan.total_steps
     event(f"training {settings.base_model} on {device} with TRL SFTTrainer: {usable} examples, {plan.epochs} "
           f"epochs, batch {plan.batch_size}, {plan.total_steps} steps, LoRA r={settings.lora_r}",
@@ -275,6 +282,13 @@ def _progress_callback(transformers, engine, job_id: int, event):
             self.last_loss: float | None = None
             self.num_tokens: int | None = None
             self.last_beat = time.monotonic()
+            self.training = False  # evaluations outside train() (before, after) are reported by _train
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.training = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.training = False
 
         def _beat(self) -> None:
             if time.monotonic() - self.last_beat > HEARTBEAT_SECONDS:
@@ -284,14 +298,20 @@ def _progress_callback(transformers, engine, job_id: int, event):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
                 control.should_log = True  # the last step is always an event, whatever logging_steps
+                control.should_evaluate = False  # _train validates after training anyway
             self._beat()
 
         def on_prediction_step(self, args, state, control, **kwargs):
             self._beat()  # a long validation set is no sign of a dead trainer
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs and self.training:
+                loss = round(float(logs["eval_loss"]), 6)
+                self.event(f"step {state.global_step}/{self.total}: validation loss {loss:.4f}", type="metrics",
+                           step=state.global_step, validation_loss=loss)
+                return
             if not logs or "loss" not in logs:
-                return  # evaluation and the end-of-training summary are reported by _train
+                return  # the end-of-training summary is reported by _train
             loss = round(float(logs["loss"]), 6)
             self.last_loss = loss
             if "num_tokens" in logs:
