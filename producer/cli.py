@@ -554,6 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("name")
     cancel.set_defaults(handler=cmd_cancel)
 
+    report = commands.add_parser("report", help="write the sweep's HTML report: heatmaps per cell, loss curves, dataset")
+    report.add_argument("name")
+    report.add_argument("--out", help="the HTML file (default: GRIDTUNE_DATA_DIR/NAME/report.html)")
+    report.set_defaults(handler=cmd_report)
+
     export = commands.add_parser("export", help="write a sweep's rows as CSV and/or training JSONL")
     export.add_argument("name")
     export.add_argument("--csv", help="the tutorial's columns, one row per request")
@@ -561,11 +566,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--training-set", help="the finalizer's train.jsonl: deduplicated and validated, what is uploaded")
     export.add_argument("--legacy", action="store_true", help="with --jsonl: prompt/completion form (' ->', ' END')")
     export.set_defaults(handler=cmd_export)
-
-    report = commands.add_parser("report", help="write the sweep's HTML report: heatmaps per cell, loss curves, dataset")
-    report.add_argument("name")
-    report.add_argument("--out", help="the HTML file (default: GRIDTUNE_DATA_DIR/NAME/report.html)")
-    report.set_defaults(handler=cmd_report)
 
     from producer import tuning
 
