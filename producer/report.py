@@ -93,14 +93,15 @@ def _cell_label(cell: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cell.items())
 
 
-def _is_free(cell: dict[str, Any]) -> bool:
-    """A free input of the [eval] config ({"input": text}), not a cell of the grid."""
-    return list(cell) == ["input"]
+def _is_grid_cell(record: dict[str, Any], dimensions: list[str]) -> bool:
+    """A per-cell record of a cell of the grid: every dimension has a value and it is not a free input
+    ([eval] inputs: {"input": text}, or parsed into dimension values that may lie off the grid)."""
+    cell = record.get("cell") or {}
+    return bool(dimensions) and all(d in cell for d in dimensions) and record.get("source") != "free_input"
 
 
-def _is_grid_cell(cell: dict[str, Any], dimensions: list[str]) -> bool:
-    """A cell of the grid (dimension values), not a free input ({"input": text})."""
-    return bool(dimensions) and all(d in cell for d in dimensions)
+def _key(cell: dict[str, Any] | None) -> str:
+    return json.dumps(cell or {}, sort_keys=True, default=str)
 
 
 # --- figures (matplotlib -> inline SVG) --------------------------------------------------------------
@@ -296,8 +297,8 @@ def _eval_section(data: dict[str, Any]) -> str:
     values = data["sweep"].get("dimensions") or {}
     values = values if isinstance(values, dict) else {}
     cells = evaluation.get("cells") or []
-    grid_cells = [c for c in cells if _is_grid_cell(c.get("cell") or {}, dims)]
-    free_cells = [c for c in cells if not _is_grid_cell(c.get("cell") or {}, dims)]
+    grid_cells = [c for c in cells if _is_grid_cell(c, dims)]
+    free_cells = [c for c in cells if not _is_grid_cell(c, dims)]
     overall = evaluation.get("overall") or {}
     parts = ["<h2>Did the fine-tune help?</h2>"]
     if evaluation.get("state") not in (None, "done"):
@@ -345,14 +346,15 @@ def _eval_section(data: dict[str, Any]) -> str:
     if free_cells:
         parts.append(f'<p class="muted">{len(free_cells)} free inputs (not grid cells) are listed in the table '
                      "above, not in the heatmaps.</p>")
-    parts.append(_samples_section(evaluation, cells))
+    parts.append(_samples_section(evaluation, grid_cells, free_cells))
     return "".join(parts)
 
 
-def _samples_section(evaluation: dict[str, Any], cells: list[dict[str, Any]]) -> str:
-    """Base | tuned answers side by side for the best and worst cells by win rate."""
+def _samples_section(evaluation: dict[str, Any], cells: list[dict[str, Any]], free_cells: list[dict[str, Any]]) -> str:
+    """Base | tuned answers side by side for the best and worst grid cells by win rate, and for every
+    free input."""
     samples = evaluation.get("samples") or []
-    ranked = sorted((c for c in cells if c.get("win_rate") is not None and not _is_free(c.get("cell") or {})), key=lambda c: (c["win_rate"], c.get("n") or 0))
+    ranked = sorted((c for c in cells if c.get("win_rate") is not None), key=lambda c: (c["win_rate"], c.get("n") or 0))
     worst = ranked[:SAMPLE_CELLS]
     best = [c for c in reversed(ranked) if c not in worst][:SAMPLE_CELLS]
     parts = ['<h2 id="samples">Samples: base | tuned</h2>']
@@ -361,12 +363,12 @@ def _samples_section(evaluation: dict[str, Any], cells: list[dict[str, Any]]) ->
     for heading, chosen in (("Best cells", best), ("Worst cells", worst)):
         parts.append(f"<h3>{heading}</h3>")
         for cell in chosen:
-            key = json.dumps(cell.get("cell"), sort_keys=True)
-            mine = [s for s in samples if json.dumps(s.get("cell"), sort_keys=True) == key][:SAMPLES_PER_CELL]
+            mine = [s for s in samples if _key(s.get("cell")) == _key(cell.get("cell"))][:SAMPLES_PER_CELL]
             parts.extend(_sample_html(sample, cell) for sample in mine)
             if not mine:
                 parts.append(f'<p class="note">{escape(_cell_label(cell.get("cell") or {}))}: no sample stored.</p>')
-    free = [s for s in samples if _is_free(s.get("cell") or {})]
+    free_keys = {_key(c.get("cell")) for c in free_cells}
+    free = [s for s in samples if _key(s.get("cell")) in free_keys]
     if free:
         parts.append("<h3>Free inputs</h3>" + "".join(_sample_html(s, None) for s in free))
     return "".join(parts)
@@ -424,7 +426,7 @@ def _dataset_section(data: dict[str, Any]) -> str:
     values = data["sweep"].get("dimensions") or {}
     values = values if isinstance(values, dict) else {}
     cells = report.get("cells") or []
-    grid_cells = [c for c in cells if _is_grid_cell(c.get("cell") or {}, dims)]
+    grid_cells = [c for c in cells if _is_grid_cell(c, dims)]
     if grid_cells:
         parts.append(_figure_html(
             heatmap_svg(grid_cells, dims, values, summed("kept"), title="examples kept per cell", salt="kept",

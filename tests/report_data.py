@@ -62,13 +62,16 @@ def eval_summary() -> dict[str, Any]:
                         "tuned": f"Meet the {cell['gender']} of {cell['age']}: {cell['power']} is their gift.",
                         "verdicts": [{"order": "base_first", "winner": "tuned"},
                                      {"order": "tuned_first", "winner": "tie"}]})
-    # One free input (not a grid cell), with hostile model text.
-    rows.append({"cell": {"input": "18, man, can eat a lot"}, "source": "free_input", "n": 1, "wins": 1, "ties": 0,
-                 "losses": 0, "win_rate": 1.0, "checks": {"base": {"within_max_words": 1.0},
-                                                          "tuned": {"within_max_words": 1.0}}})
-    samples.append({"cell": {"input": "18, man, can eat a lot"}, "input": "18, man, can eat a lot",
-                    "base": HOSTILE, "tuned": "He eats <b>everything</b> & more.",
-                    "verdicts": [{"order": "base_first", "winner": "tuned"}, {"order": "tuned_first", "winner": "tuned"}]})
+    # Free inputs (not grid cells): one parsed into dimension values off the grid, one not parsed;
+    # hostile model text.
+    for cell, base in (({"age": 18, "gender": "man", "power": "can eat a lot"}, "He eats."),
+                       ({"input": "a quiet librarian"}, HOSTILE)):
+        rows.append({"cell": cell, "source": "free_input", "n": 1, "wins": 1, "ties": 0, "losses": 0, "win_rate": 1.0,
+                     "checks": {"base": {"within_max_words": 1.0}, "tuned": {"within_max_words": 1.0}}})
+        samples.append({"cell": cell, "input": ", ".join(map(str, cell.values())), "base": base,
+                        "tuned": "He eats <b>everything</b> & more.",
+                        "verdicts": [{"order": "base_first", "winner": "tuned"},
+                                     {"order": "tuned_first", "winner": "tuned"}]})
     overall = {"wins": sum(r["wins"] for r in rows), "ties": sum(r["ties"] for r in rows),
                "losses": sum(r["losses"] for r in rows), "invalid_verdicts": 1,
                "checks": {"base": {"within_max_words": 0.5, "mentions_values": 0.4},

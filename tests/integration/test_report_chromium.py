@@ -76,7 +76,7 @@ def test_chromium_shows_heatmaps_and_tables(tmp_path):
     # 3 dimensions: a panel for each pair (age x gender, age x power, gender x power).
     assert dom_text.count('id="win-panel-') == 3
     assert dom.inside["coverage"]["tr"] == 1 + 98        # header + the 7 x 2 x 7 cells
-    assert dom.inside["eval-cells"]["tr"] == 1 + 98 + 1  # + the free input
+    assert dom.inside["eval-cells"]["tr"] == 1 + 98 + 2  # + the free inputs
     assert dom.inside["loss-curves"].get("svg") == 1 and dom.inside["length-histogram"].get("svg") == 1
     assert {"summary", "eval-overall", "samples", "finetune-job", "duplicates", "refusals"} <= set(dom.inside)
     # Untrusted model text is text in the browser too: no element came of it.

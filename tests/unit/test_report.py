@@ -128,6 +128,17 @@ def test_check_rate_weights_cells_by_their_inputs():
     assert report.check_rate("tuned", "c")(cells) == 0.75
 
 
+def test_free_inputs_are_in_the_table_and_samples_never_in_the_heatmaps():
+    page = report.build_html(report_data())
+    heatmaps = page[page.index('id="heatmap-win-rate"'):page.index('id="eval-cells"')]
+    assert "can eat a lot" not in heatmaps and "librarian" not in heatmaps
+    table = page[page.index('id="eval-cells"'):page.index('id="samples"')]
+    assert "age=18, gender=man, power=can eat a lot" in table and "input=a quiet librarian" in table
+    free = page[page.index("<h3>Free inputs</h3>"):]
+    assert "18, man, can eat a lot" in free and "a quiet librarian" in free
+    assert "2 free inputs" in page
+
+
 def test_one_dimension_is_one_row_and_free_inputs_go_to_the_table():
     data = report_data(job=False, dataset=False)
     summary = data["eval"]
@@ -139,8 +150,8 @@ def test_one_dimension_is_one_row_and_free_inputs_go_to_the_table():
     page = report.build_html(data)
     assert "heatmap-win-rate" in ids(page)
     table = page[page.index('id="eval-cells"'):]
-    assert "input=18, man, can eat a lot" in table
-    assert "1 free inputs" in page
+    assert "input=a quiet librarian" in table
+    assert "2 free inputs" in page
 
 
 def test_losses_from_local_and_openai_events():
