@@ -367,8 +367,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the sweep's HTML report (grid heatmaps, loss curves, dataset report, samples)."""
     from producer.report import write_report
 
-    path = args.out or get_settings().data_dir / args.name / "report.html"
-    written = write_report(_engine(), args.name, path)
+    written = write_report(_engine(), args.name, args.out)
     print(f"wrote the report of {args.name} to {written} ({written.stat().st_size / 1024:,.0f} KiB): "
           "open it in a browser", file=sys.stderr)
     return 0

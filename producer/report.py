@@ -578,15 +578,23 @@ def collect(engine, name: str) -> dict[str, Any]:
     return data
 
 
-def write_report(engine, name: str, path: str | Path) -> Path:
-    """Collect, build and write sweep `name`'s report to `path` (folders made); the path written.
+def report_path(name: str) -> Path:
+    """Where a sweep's report goes by default: GRIDTUNE_DATA_DIR/<name>/report.html."""
+    from gridtune.settings import get_settings
+
+    return get_settings().data_dir / name / "report.html"
+
+
+def write_report(engine, name: str, path: str | Path | None = None) -> Path:
+    """Collect, build and write sweep `name`'s report to `path` (default: report_path(name); folders
+    made); the path written. `eval` calls this when it finishes.
 
     Raises UserError when there is no such sweep or the file cannot be written.
     """
     from gridtune.errors import UserError
 
     page = build_html(collect(engine, name))
-    path = Path(path)
+    path = Path(path) if path is not None else report_path(name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page, encoding="utf-8")
