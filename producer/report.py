@@ -89,6 +89,13 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[Any]], *, table_id: s
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _pair(loss: dict[str, Any] | None) -> str:
+    """"base → tuned" of a {"base", "tuned"} pair (losses in nats), "n/a" without one."""
+    if not loss or (loss.get("base") is None and loss.get("tuned") is None):
+        return "n/a"
+    return f"{_text(loss.get('base'))} → {_text(loss.get('tuned'))}"
+
+
 def _cell_label(cell: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cell.items())
 
@@ -315,7 +322,7 @@ def _eval_section(data: dict[str, Any]) -> str:
          "validation loss base → tuned"],
         [[evaluation.get("base_model"), evaluation.get("tuned_model"), evaluation.get("judge_model"),
           overall.get("wins"), overall.get("ties"), overall.get("losses"), _rate(overall.get("win_rate")),
-          overall.get("invalid_verdicts"), f"{_text(loss.get('base'))} → {_text(loss.get('tuned'))}"]],
+          overall.get("invalid_verdicts"), _pair(loss)]],
         table_id="eval-overall"))
     parts.append('<p class="muted">win rate = (wins + ties/2) / judged pairs; each pair is judged twice with '
                  "the positions swapped, a disagreement is a tie.</p>")
@@ -331,17 +338,17 @@ def _eval_section(data: dict[str, Any]) -> str:
                             title=f"tuned model: {check} pass rate", salt=f"check-{check}"),
                 f"heatmap-check-{re.sub(r'[^a-z0-9_-]', '-', check.lower())}",
                 f"Share of the tuned model's answers passing the check {check!r} per cell."))
+    losses = any(c.get("validation_loss") for c in cells)  # remote jobs: the provider may give none
     rows = []
     for c in cells:
         cell_checks = c.get("checks") or {}
-        loss = c.get("validation_loss") or {}
         rows.append([_cell_label(c.get("cell") or {}), c.get("source"), c.get("n"), c.get("wins"), c.get("ties"),
                      c.get("losses"), _rate(c.get("win_rate"))]
                     + [f"{_rate((cell_checks.get('base') or {}).get(k))} → {_rate((cell_checks.get('tuned') or {}).get(k))}"
                        for k in checks]
-                    + [f"{_text(loss.get('base'))} → {_text(loss.get('tuned'))}"])
+                    + ([_pair(c.get("validation_loss"))] if losses else []))
     headers = ["cell", "source", "n", "wins", "ties", "losses", "win rate"] + [f"{k} base → tuned" for k in checks] \
-        + ["validation loss base → tuned"]
+        + (["validation loss base → tuned"] if losses else [])
     parts.append("<h3>Per cell</h3>" + _table(headers, rows, table_id="eval-cells", numeric=(2, 3, 4, 5)))
     if free_cells:
         parts.append(f'<p class="muted">{len(free_cells)} free inputs (not grid cells) are listed in the table '
