@@ -3,13 +3,15 @@ tests/integration/test_report_chromium.py renders it in Chromium)."""
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
 from producer import report
-from tests.report_data import HOSTILE, DIMENSIONS, eval_summary, report_data
+from tests.report_data import DIMENSIONS, HOSTILE, dataset_report, eval_summary, report_data
 
 
 class _Tags(HTMLParser):
@@ -175,3 +177,51 @@ def test_an_unfinished_evaluation_says_so():
     page = report.build_html(data)
     assert "eval-unfinished" in ids(page)
     assert "state judging: 198 of 198 answers, 40 of 198 verdicts" in page
+
+
+def test_collect_reads_the_store(tmp_path):
+    """collect() on a finalized sweep (SQLite) with a local job's step events: the report's data."""
+    from models import store
+    from tests.unit.test_finetune_helpers import make_context, make_sweep
+
+    ctx = make_context(tmp_path)
+    sweep, dataset_id = make_sweep(ctx)
+    job = store.create_job(ctx.engine, sweep.id, dataset_id, "local", "smollm2-135m")
+    for data in ({"type": "metrics", "step": 0, "validation_loss": 3.3}, {"type": "metrics", "step": 1, "loss": 3.5},
+                 {"type": "metrics", "step": 2, "loss": 3.0}, {"type": "metrics", "step": 2, "validation_loss": 3.1}):
+        store.add_event(ctx.engine, job.id, "step", data=data)
+    data = report.collect(ctx.engine, "heroes")
+    assert data["sweep"]["name"] == "heroes" and data["sweep"]["dimensions"] == {
+        k: list(v) for k, v in store.sweep_config(sweep).dimensions.items()}
+    assert data["counts"]["ok"] == data["counts"]["total"] > 0
+    dataset = store.get_dataset(ctx.engine, dataset_id)
+    assert data["dataset"]["train_examples"] == dataset.train_examples
+    assert data["job"]["status"] == "pending" and data["job"]["backend"] == "local"
+    assert data["losses"] == {"train": [[1.0, 3.5], [2.0, 3.0]], "validation": [[0.0, 3.3], [2.0, 3.1]]}
+    assert data["eval"] is None  # no evaluation of this sweep
+    page = report.build_html(data)
+    assert {"summary", "finetune-job", "loss-curves", "dataset-totals", "no-eval"} <= ids(page)
+
+    # A dataset report left beside train.jsonl (report.json) is read when the row has none.
+    Path(dataset.train_path).with_name("report.json").write_text(json.dumps(dataset_report()))
+    assert report.collect(ctx.engine, "heroes")["dataset"]["report"]["totals"]["requests"] == 294
+
+
+def test_report_command_writes_the_file_and_refuses_an_unknown_sweep(tmp_path, monkeypatch, capsys):
+    from producer.cli import main
+    from tests.unit.test_finetune_helpers import make_context, make_sweep
+
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/gridtune.db")
+    monkeypatch.setenv("GRIDTUNE_DATA_DIR", str(tmp_path / "data"))
+    make_sweep(make_context(tmp_path))
+    from gridtune.settings import reset_settings
+
+    reset_settings()
+    assert main(["report", "heroes"]) == 0
+    page = tmp_path / "data" / "heroes" / "report.html"
+    assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert f"wrote the report of heroes to {page}" in capsys.readouterr().err
+    assert main(["report", "heroes", "--out", str(tmp_path / "elsewhere.html")]) == 0
+    assert (tmp_path / "elsewhere.html").exists()
+    assert main(["report", "nobody"]) == 2
+    assert "no sweep named 'nobody'" in capsys.readouterr().err
