@@ -2,7 +2,7 @@
 
 Checks on the DOM Chromium built (not on our own string): the heatmaps are SVG with one panel per
 pair of dimensions, the tables have their rows, hostile model text stayed text; and the screenshot
-is not blank. tests/acceptance/test_report.py does the same on a report made from a real sweep.
+is not blank. tests/acceptance/test_report_of_a_sweep.py does the same on a report made from a real sweep.
 """
 
 from __future__ import annotations
