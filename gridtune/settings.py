@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     # enforcement period (about 1 s) so that scheduling jitter between workers does not add up to
     # a burst the provider refuses.
     burst_seconds: float = Field(0.5, gt=0, validation_alias=_env("GRIDTUNE_BURST_SECONDS"))
+    # Requests in flight per endpoint (worker/ratelimit/concurrency.py). A fixed cap for servers
+    # known to run one request at a time (overrides the config's [model] max_in_flight), and the
+    # adaptive limit for servers that queue instead of refusing: latency above
+    # latency_tolerance x the unloaded latency counts as a queue.
+    max_in_flight: int | None = Field(None, ge=1, validation_alias=_env("GRIDTUNE_MAX_IN_FLIGHT"))
+    adaptive_in_flight: bool = Field(True, validation_alias=_env("GRIDTUNE_ADAPTIVE_IN_FLIGHT"))
+    latency_tolerance: float = Field(1.3, gt=1, validation_alias=_env("GRIDTUNE_LATENCY_TOLERANCE"))
     max_attempts: int = Field(8, ge=1, validation_alias=_env("GRIDTUNE_MAX_ATTEMPTS"))
     # Waits up to this long are slept inside the task; longer ones give the worker slot back
     # (task retry with a countdown).

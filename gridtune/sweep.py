@@ -64,6 +64,9 @@ class ModelSettings(_Section):
     max_cost_usd: float | None = Field(None, gt=0)
     # "online": one API call per request; "batch": the provider's Batch API (half price, <= 24 h).
     mode: Literal["online", "batch"] = "online"
+    # At most this many requests in flight at the endpoint (GRIDTUNE_MAX_IN_FLIGHT overrides), e.g.
+    # 1 for a server that runs one request at a time; unset = the adaptive limit alone.
+    max_in_flight: int | None = Field(None, ge=1)
 
     @field_validator("extra_body")
     @classmethod
@@ -78,7 +81,7 @@ class ModelSettings(_Section):
 
 # [model] fields that change how a sweep runs, not what it asks for: changing them on resume is not a
 # different config (and sweeps stored before they existed keep their fingerprint).
-RUN_OPTIONS = ("max_cost_usd", "mode")
+RUN_OPTIONS = ("max_cost_usd", "mode", "max_in_flight")
 
 
 class DatasetSettings(_Section):

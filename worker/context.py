@@ -19,6 +19,7 @@ from gridtune.settings import Settings, get_settings
 from gridtune.sweep import SweepConfig
 from models import get_engine
 from worker.ratelimit import Limits, RateLimiter
+from worker.ratelimit.concurrency import InFlightLimiter
 from worker.ratelimit.spend import RedisSpendLimiter
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,15 @@ class WorkerContext:
         # Unknown limits = no limit until the first x-ratelimit-* headers teach them (servers
         # that send none, like many self-hosted ones, are then never throttled by us).
         return RateLimiter(self.redis, burst_seconds=self.settings.burst_seconds, fallback=Limits())
+
+    @cached_property
+    def in_flight_limiter(self) -> InFlightLimiter:
+        """Requests in flight per endpoint, for servers that queue instead of refusing."""
+        settings = self.settings
+        # A slot outlives the longest request, so only a dead worker's slot is ever reclaimed.
+        return InFlightLimiter(self.redis, adaptive=settings.adaptive_in_flight,
+                               tolerance=settings.latency_tolerance, lease_seconds=settings.request_timeout + 30,
+                               max_wait=settings.max_inline_wait or 1.0)
 
     @cached_property
     def spend(self) -> RedisSpendLimiter:

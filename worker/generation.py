@@ -22,6 +22,7 @@ from models import RowState, SweepState, store
 from models.schema import utcnow
 from worker import health, llm
 from worker.context import WorkerContext
+from worker.ratelimit.concurrency import is_metered
 from worker.spend import RequestSpend
 from worker.tokens import count_messages, encoding_name
 
@@ -99,6 +100,29 @@ def _bookkeeping(call, *args) -> None:
         log.warning("rate budget bookkeeping skipped: Redis unavailable (%s)", exc.__class__.__name__)
 
 
+def _in_flight_cap(ctx: WorkerContext, config: SweepConfig) -> int | None:
+    return ctx.settings.max_in_flight or config.model.max_in_flight
+
+
+def _take_slot(ctx: WorkerContext, key: str, config: SweepConfig):
+    """Wait inline for a slot at the endpoint (the shared in-flight limit): one frees within a
+    latency, so the task keeps its worker slot rather than going back to the broker."""
+    cap = _in_flight_cap(ctx, config)
+    while True:
+        lease, wait = ctx.in_flight_limiter.acquire(key, cap)
+        if lease is not None:
+            return lease
+        time.sleep(wait)
+
+
+def _give_slot_back(ctx: WorkerContext, lease, config: SweepConfig, latency: float | None,
+                    failure: llm.Failure | None, headers) -> None:
+    """Free the slot; an answer's latency (seconds) teaches the adaptive limit, an overload sign cuts it."""
+    outcome = "ok" if failure is None else "overload" if failure.overload else "other"
+    ctx.in_flight_limiter.release(lease, latency=latency if failure is None else None, outcome=outcome,
+                                  metered=is_metered(headers), cap=_in_flight_cap(ctx, config))
+
+
 def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: BaseException) -> None:
     """A bug must not lose the row or block the chord: store it as failed with the reason."""
     sweep = store.get_sweep_by_id(ctx.engine, sweep_id)
@@ -152,11 +176,13 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
                 log.warning("sweep %s stopped: %s", sweep.name, cap_reached)
             return fail("spend_cap", f"not sent: {cap_reached}")
 
+        slot = _take_slot(ctx, key, config)
         attempts += 1
         began = time.monotonic()
-        body = None
+        body = latency = headers = None
         try:
             raw = client.chat.completions.with_raw_response.create(**params)
+            latency, headers = time.monotonic() - began, raw.headers
             _bookkeeping(ctx.limiter.observe, key, raw.headers)
             body = json.loads(raw.content)  # not JSON: ValueError, classified as malformed below
             # A 2xx is not always a completion: some gateways answer 200 {"error": {...}}.
@@ -164,8 +190,10 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         except Exception as exc:  # noqa: BLE001 - every failure is classified below
             response = getattr(exc, "response", None)
             if response is not None:
+                headers = response.headers
                 ctx.limiter.observe(key, response.headers)
             failure = llm.classify(exc)
+        _bookkeeping(_give_slot_back, ctx, slot, config, latency, failure, headers)
         if failure is not None:
             ctx.limiter.settle(key, reserved, 0)  # a refused or failed call used no tokens
             spend.release(failure.kind)

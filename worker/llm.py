@@ -19,6 +19,8 @@ from gridtune.settings import Settings
 from worker.ratelimit.durations import wait_hint_seconds
 
 LOCAL_PLACEHOLDER_KEY = "sk-local-gridtune"
+# "Service unavailable" (vLLM, Ollama and others when their queue is full) and 529 "overloaded".
+OVERLOAD_STATUSES = frozenset({503, 529})
 
 
 def make_client(settings: Settings) -> openai.OpenAI:
@@ -56,6 +58,9 @@ class Failure:
     retryable: bool
     stops_sweep: bool = False
     retry_after: float | None = None  # what the server asked for, in seconds
+    # A sign that the server queues more than it can serve (a timeout, 503, 529): the shared
+    # in-flight limit is cut for every worker, not just this request retried.
+    overload: bool = False
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None, message: str = "") -> float | None:
@@ -86,14 +91,17 @@ def classify_status(status: int, message: str, code: str | None = None, error_ty
     # 408, 409 and 5xx are worth another try (as the SDK itself would); other 4xx are not.
     retryable = status in (408, 409) or status >= 500
     return Failure("server_error" if status >= 500 else "client_error", text, retryable,
-                   retry_after=retry_after_seconds(headers, message) if retryable else None)
+                   retry_after=retry_after_seconds(headers, message) if retryable else None,
+                   overload=status in OVERLOAD_STATUSES)
 
 
 def classify(exc: BaseException) -> Failure:
     """What an exception from a chat-completion call means for the row and the sweep."""
     # Order matters: APITimeoutError is an APIConnectionError.
     if isinstance(exc, openai.APITimeoutError):
-        return Failure("timeout", "request timed out", retryable=True)
+        # A timeout at a server that queues is the queue itself: retried at once, the request
+        # would wait behind the answer the server is still generating for nobody.
+        return Failure("timeout", "request timed out", retryable=True, overload=True)
     if isinstance(exc, openai.APIConnectionError):
         return Failure("connection", f"connection failed: {exc.__cause__ or exc}", retryable=True)
     if isinstance(exc, openai.APIStatusError):

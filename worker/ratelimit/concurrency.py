@@ -1,0 +1,159 @@
+"""How many requests may be in flight at one endpoint, shared through Redis by every worker.
+
+Rate limits (limiter.py) cover providers that meter and refuse (429). Self-hosted servers (vLLM,
+Ollama, `transformers serve`, a small local model) do neither: they queue, and latency grows until
+requests time out. This limiter gives them backpressure from latency:
+
+    slots = InFlightLimiter(redis.Redis.from_url(url))
+    while (lease := slots.acquire(key, cap=None))[0] is None:   # (lease, seconds to wait)
+        time.sleep(lease[1])
+    started = time.monotonic(); response = call()
+    slots.release(lease, latency=time.monotonic() - started, outcome="ok", metered=False)
+
+The limit adapts like TCP Vegas / Netflix's concurrency-limits "gradient" limiter, with every
+worker process and host feeding one shared state (a Lua script per call, `concurrency_*.lua`):
+
+* the unloaded latency is the lowest EWMA of latency seen (and whatever one request alone takes);
+* the limit starts at 1 and grows by one per answer (slow start: doubles per latency), then by
+  one per latency's worth of answers, and only while at least half of it is in use;
+* when the latency EWMA exceeds `tolerance` x the unloaded latency (and by more than
+  `min_queue` seconds, below which queueing is noise), the limit is cut in proportion
+  (limit x tolerance x unloaded / current, at most halved), at most once per latency;
+* a timeout halves it (a timeout is a queue, not bad luck) and the abandoned request, which the
+  server is still generating, keeps its slot for one more latency.
+
+An endpoint whose answers carry `x-ratelimit-limit-*` headers is metered: the rate budget governs
+it and no in-flight limit applies (no lease, one Redis call per request instead of two). A fixed
+`cap` (config `max_in_flight`, `GRIDTUNE_MAX_IN_FLIGHT`) applies always, adaptive or not.
+
+A slot is a lease with an expiry (`lease_seconds`, above the request timeout), so a worker that
+dies mid-request frees its slot at that expiry. State expires after `idle_expiry` seconds unused.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import redis
+
+Outcome = Literal["ok", "overload", "other"]
+IDLE_EXPIRY_SECONDS = 3600
+# The shortest pause between two polls for a slot, in seconds (the longest: `max_wait`).
+MIN_POLL_SECONDS = 0.005
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A slot at `key`; `token` None = no limit applied, nothing is held."""
+
+    key: str
+    token: str | None
+
+
+def _script_text(name: str) -> str:
+    here = Path(__file__).resolve().parent
+    return ((here / "concurrency_common.lua").read_text(encoding="utf-8") + "\n"
+            + (here / f"concurrency_{name}.lua").read_text(encoding="utf-8"))
+
+
+_SCRIPTS = {name: _script_text(name) for name in ("acquire", "release")}
+
+
+def is_metered(headers: Mapping[str, str] | None) -> bool:
+    """Whether a response says it is rate-metered (x-ratelimit-limit-requests / -tokens)."""
+    if not headers:
+        return False
+    names = {name.lower() for name in headers.keys()}
+    return "x-ratelimit-limit-requests" in names or "x-ratelimit-limit-tokens" in names
+
+
+class InFlightLimiter:
+    """Leases on in-flight slots per endpoint `key`, with an adaptive limit (see the module doc).
+
+    `tolerance` (> 1): latency / unloaded latency that counts as queueing. `min_queue` (seconds):
+    queueing below this is never acted on. `lease_seconds`: how long a slot stays taken when its
+    holder never releases it (keep it above the request timeout). `max_wait` (seconds): the longest
+    single wait `acquire` suggests. `clock` (seconds) is for tests; by default Redis' clock.
+    """
+
+    def __init__(self, client: redis.Redis, *, namespace: str = "gridtune:inflight-limit",
+                 adaptive: bool = True, tolerance: float = 1.3, min_queue: float = 0.1,
+                 lease_seconds: float = 630.0, max_wait: float = 5.0, idle_expiry: float = IDLE_EXPIRY_SECONDS,
+                 clock: Callable[[], float] | None = None, rng: random.Random | None = None):
+        if not tolerance > 1:
+            raise ValueError(f"tolerance must be above 1, not {tolerance!r}")
+        if not (min_queue >= 0 and lease_seconds > 0 and max_wait > 0 and idle_expiry > 0):
+            raise ValueError("min_queue must be >= 0; lease_seconds, max_wait and idle_expiry positive")
+        self._client = client
+        self._namespace = namespace
+        self.adaptive = adaptive
+        self._tolerance = tolerance
+        self._min_queue_us = round(min_queue * 1_000_000)
+        self._lease_us = round(lease_seconds * 1_000_000)
+        self._max_wait = max_wait
+        self._idle_ms = math.ceil(idle_expiry * 1000)
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
+        # Endpoints this process has seen metered: skipped without a Redis call unless capped.
+        self._metered: set[str] = set()
+
+    def keys(self, key: str) -> list[str]:
+        """The Redis keys of `key`'s state, leases and waiters."""
+        if not key:
+            raise ValueError("an endpoint key must not be empty")
+        base = f"{self._namespace}:{key}"
+        return [base, f"{base}:leases", f"{base}:waiters"]
+
+    def acquire(self, key: str, cap: int | None = None) -> tuple[Lease | None, float]:
+        """Take a slot: (lease, 0.0), or (None, seconds to wait before asking again; nothing taken)."""
+        if cap is not None and cap < 1:
+            raise ValueError(f"cap must be at least 1, not {cap!r}")
+        if cap is None and (not self.adaptive or key in self._metered):
+            return Lease(key, None), 0.0
+        token = uuid.uuid4().hex
+        answer = self._run("acquire", key, cap, token, self._lease_us)
+        if answer < 0:
+            return Lease(key, None), 0.0
+        if answer == 0:
+            return Lease(key, token), 0.0
+        # Jitter: waiters that asked together must not all come back together.
+        wait = answer / 1_000_000 * self._rng.uniform(0.5, 1.5)
+        return None, min(self._max_wait, max(MIN_POLL_SECONDS, wait))
+
+    def release(self, lease: Lease, *, latency: float | None = None, outcome: Outcome = "other",
+                metered: bool = False, cap: int | None = None) -> None:
+        """Give the slot back; `latency` (seconds) of an "ok" answer teaches the limit, "overload"
+        (a timeout) cuts it. `metered`: the answer carried rate-limit headers (see the module doc)."""
+        newly_metered = metered and lease.key not in self._metered
+        if metered:
+            self._metered.add(lease.key)
+        if lease.token is None and not (newly_metered and self.adaptive):
+            return  # nothing held, nothing new to share
+        if outcome not in ("ok", "overload", "other"):
+            raise ValueError(f"unknown outcome {outcome!r}")
+        latency_us = "" if latency is None else max(0, round(latency * 1_000_000))
+        self._run("release", lease.key, cap, lease.token or "", outcome, latency_us, int(metered),
+                  self._tolerance, self._min_queue_us)
+
+    def state(self, key: str) -> dict[str, float | int | None]:
+        """What the shared state holds now: limit, fast_s, base_s, in_flight (for tests and status)."""
+        state_key, leases, _ = self.keys(key)
+        limit, fast, base, metered = self._client.hmget(state_key, ["limit", "fast_us", "base_us", "metered"])
+
+        def number(value, scale=1.0):
+            return None if value is None else float(value) / scale
+
+        return {"limit": number(limit), "fast_s": number(fast, 1e6), "base_s": number(base, 1e6),
+                "metered": bool(metered and int(metered)), "in_flight": int(self._client.zcard(leases))}
+
+    def _run(self, script: str, key: str, cap: int | None, *args: int | float | str) -> int:
+        common = ("" if self._clock is None else round(self._clock() * 1_000_000),
+                  "" if cap is None else cap, int(self.adaptive), self._idle_ms)
+        return int(self._scripts[script](keys=self.keys(key), args=[*common, *args]))
