@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.burst_seconds,
         help="how many seconds' worth of the limits may be spent at once",
     )
+    add("--overload-capacity", type=int, default=DEFAULTS.overload_capacity,
+        help="overload mode: this many requests take --latency-ms at once; more share the server and all "
+             "slow down (latency grows with concurrency, nothing is refused)")
     add("--fault-rate", type=float, default=DEFAULTS.fault_rate, help="chance that a chat completion fails")
     add(
         "--faults",

@@ -37,6 +37,9 @@ class ServerConfig:
     # disk, so a model tuned by an earlier run would otherwise be unknown after a restart.
     serve_unknown_tuned: bool = False
     seed: int = 0
+    # Overload mode (localapi/overload.py): this many requests run at full speed at once, each
+    # taking latency_ms; more share the server and all of them slow down. None = off.
+    overload_capacity: int | None = None
     # Real models: how many requests one model generates together (continuous batching).
     max_batch: int = 32
     # /v1/batches: seconds from create to the end, share of lines that fail (500), share done
@@ -66,6 +69,8 @@ class ServerConfig:
         for name in ("latency_ms", "latency_jitter_ms", "hang_seconds", "finetune_step_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.overload_capacity is not None and self.overload_capacity < 1:
+            raise ValueError("overload_capacity must be at least 1 (or None for off)")
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         for name in ("batch_failure_rate", "batch_completion_fraction"):

@@ -25,6 +25,7 @@ from .errors import Handler, RequestError, error_response, invalid_request, not_
 from .files import FileStore
 from .finetune import FineTuning
 from .inference import GenerationRequest, ModelHost
+from .overload import ProcessorSharing
 from .stats import ServerStats
 
 # In-flight requests (a long latency, a hanging "timeout" fault) get this long when the server stops.
@@ -73,6 +74,7 @@ class LocalAPIServer:
         self.models = ModelHost(config.max_batch)
         self.batches = Batches(self.files, lambda: self.config, self.complete_offline)
         self._fault_rng = random.Random(config.seed)
+        self.overload: ProcessorSharing | None = None
         self._runner: web.AppRunner | None = None
 
     @property
@@ -117,6 +119,8 @@ class LocalAPIServer:
         """Fresh statistics and budgets, e.g. between two benchmark runs."""
         self.stats.reset()
         self.limiter = RateLimiter(self.config.rpm, self.config.tpm, self.config.burst_seconds)
+        if self.overload is not None:
+            self.overload.max_in_flight = self.overload.in_flight
 
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -224,10 +228,18 @@ class LocalAPIServer:
         delay_ms = config.latency_ms
         if config.latency_jitter_ms:
             delay_ms = max(0.0, delay_ms + random.uniform(-config.latency_jitter_ms, config.latency_jitter_ms))
-        if delay_ms > 0:
+        if config.overload_capacity:
+            await self._overload(config.overload_capacity).serve(delay_ms / 1000)
+        elif delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
         body = json.dumps(_completion_body(chat, reply, generation.prompt_tokens if generation else None))
         return web.Response(text=body, content_type="application/json", headers=headers)
+
+    def _overload(self, capacity: int) -> ProcessorSharing:
+        """The shared server of the overload mode (a new one when the capacity changes)."""
+        if self.overload is None or self.overload.capacity != capacity:
+            self.overload = ProcessorSharing(capacity)
+        return self.overload
 
     async def _real_model(self, name: str):
         """The loaded generator for a local model name; a 404 naming the problem if it cannot load."""
@@ -299,7 +311,10 @@ class LocalAPIServer:
 
     def snapshot(self) -> dict[str, Any]:
         """Request counters, plus per real model its generator's (max_batch_seen shows batching)."""
-        return {**self.stats.snapshot(), "models": self.models.stats()}
+        overload = self.overload
+        return {**self.stats.snapshot(), "models": self.models.stats(),
+                "overload": None if overload is None else {"capacity": overload.capacity, "in_flight": overload.in_flight,
+                                                           "max_in_flight": overload.max_in_flight}}
 
     async def stats_endpoint(self, request: web.Request) -> web.Response:
         return web.json_response(self.snapshot())
