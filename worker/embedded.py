@@ -59,7 +59,8 @@ def in_process_worker(app, concurrency: int) -> Iterator[object]:
         yield worker
 
 
-_LOCAL_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GRIDTUNE_FINETUNE_POLL_SECONDS", "GRIDTUNE_REQUEST_TIMEOUT")
+_LOCAL_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GRIDTUNE_FINETUNE_POLL_SECONDS", "GRIDTUNE_REQUEST_TIMEOUT",
+              "GRIDTUNE_ADAPTIVE_IN_FLIGHT")
 # A real model on a CPU answers a full batch in minutes, not seconds.
 LOCAL_MODEL_REQUEST_TIMEOUT = "900"
 
@@ -89,6 +90,10 @@ def local_api_when_keyless(purpose: str = "running", local_model: str | None = N
         os.environ.setdefault("GRIDTUNE_FINETUNE_POLL_SECONDS", "0.5")  # its jobs take seconds
         if local_model:
             os.environ.setdefault("GRIDTUNE_REQUEST_TIMEOUT", LOCAL_MODEL_REQUEST_TIMEOUT)
+            # The server admits exactly its batch (max_batch = the in-process worker's threads), so
+            # no queue forms; a fuller batch makes each answer slower but the whole faster, which
+            # the latency-based in-flight limit would read as a queue and cut.
+            os.environ.setdefault("GRIDTUNE_ADAPTIVE_IN_FLIGHT", "false")
             print(f"*** {purpose} with the local model {local_model} on this machine, through gridtune's local "
                   f"OpenAI-compatible server at {server.base_url}. ***", file=sys.stderr, flush=True)
         else:
