@@ -215,15 +215,13 @@ def test_a_metered_endpoint_is_left_to_the_rate_budget(make, client):
 
 
 def test_waiters_are_spaced_so_polls_stay_near_one_per_answer(make, clock):
-    limiter = make(rng=random.Random(0), max_wait=100)
-    held, _ = limiter.acquire(KEY)
-    clock.now += 2.0
-    limiter.release(held, latency=2.0, outcome="ok")  # fast latency 2 s, limit now 2
-    holders = [limiter.acquire(KEY)[0] for _ in range(2)]
+    limiter = make(rng=random.Random(0), max_wait=100, adaptive=False)
+    holders = [limiter.acquire(KEY, cap=2)[0] for _ in range(2)]
     assert all(holders)
-    waits = [limiter.acquire(KEY)[1] for _ in range(20)]
-    # The 20th waiter hears about 20 x (2 s / limit 2) = 20 s (+-50 % jitter), the first about 1 s.
-    assert waits[0] < 2 and waits[-1] > 8
+    waits = [limiter.acquire(KEY, cap=2)[1] for _ in range(20)]
+    # No latency known yet (0.1 s assumed): the first waiter hears about 0.1 s / 2 slots, the
+    # 20th about 20 x that (each +-50 % jitter).
+    assert waits[0] < 0.1 and waits[-1] > 0.4
 
 
 def test_is_metered_reads_the_rate_limit_headers():
@@ -241,3 +239,29 @@ def test_bad_arguments_are_refused(make):
         limiter.acquire(KEY, cap=0)
     with pytest.raises(ValueError):
         limiter.acquire("")
+
+
+def test_timeouts_503_and_529_are_overload_signs_and_a_429_is_not():
+    import httpx2
+    import openai
+
+    from worker import llm
+
+    def status_error(status):
+        request = httpx2.Request("POST", "http://x/v1/chat/completions")
+        return openai.APIStatusError("m", response=httpx2.Response(status, request=request), body={"message": "m"})
+
+    assert llm.classify(openai.APITimeoutError(httpx2.Request("POST", "http://x"))).overload
+    assert llm.classify(status_error(503)).overload and llm.classify(status_error(529)).overload
+    assert not llm.classify(status_error(500)).overload
+    assert not llm.classify(status_error(429)).overload  # the rate budget's cool-down handles those
+    assert not llm.classify(openai.APIConnectionError(request=httpx2.Request("POST", "http://x"))).overload
+
+
+def test_max_in_flight_is_a_run_option_not_part_of_the_fingerprint():
+    from gridtune.sweep import RUN_OPTIONS, ModelSettings
+
+    assert "max_in_flight" in RUN_OPTIONS
+    assert ModelSettings(max_in_flight=1).max_in_flight == 1
+    with pytest.raises(ValueError):
+        ModelSettings(max_in_flight=0)

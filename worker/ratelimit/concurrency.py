@@ -105,11 +105,11 @@ class InFlightLimiter:
         self._metered: set[str] = set()
 
     def keys(self, key: str) -> list[str]:
-        """The Redis keys of `key`'s state, leases and waiters."""
+        """The Redis keys of `key`'s state, leases, waiters and latest latencies."""
         if not key:
             raise ValueError("an endpoint key must not be empty")
         base = f"{self._namespace}:{key}"
-        return [base, f"{base}:leases", f"{base}:waiters"]
+        return [base, f"{base}:leases", f"{base}:waiters", f"{base}:latencies"]
 
     def acquire(self, key: str, cap: int | None = None) -> tuple[Lease | None, float]:
         """Take a slot: (lease, 0.0), or (None, seconds to wait before asking again; nothing taken)."""
@@ -144,7 +144,7 @@ class InFlightLimiter:
 
     def state(self, key: str) -> dict[str, float | int | None]:
         """What the shared state holds now: limit, fast_s, base_s, in_flight (for tests and status)."""
-        state_key, leases, _ = self.keys(key)
+        state_key, leases, _, _ = self.keys(key)
         limit, fast, base, metered = self._client.hmget(state_key, ["limit", "fast_us", "base_us", "metered"])
 
         def number(value, scale=1.0):
