@@ -97,14 +97,15 @@ def test_redis_lost_after_the_api_answered_the_answer_is_stored(tmp_path):
         ctx = make_context(tmp_path, server)
         shared = fakeredis.FakeServer()
         ctx.__dict__["redis"] = fakeredis.FakeRedis(server=shared)
-        reserve = ctx.limiter.reserve
+        # The last Redis call before the API call: the endpoint's in-flight slot.
+        acquire = ctx.in_flight_limiter.acquire
 
-        def reserve_then_lose_redis(*args):
-            wait = reserve(*args)
+        def acquire_then_lose_redis(*args):
+            granted = acquire(*args)
             shared.connected = False  # every later command raises redis.ConnectionError
-            return wait
+            return granted
 
-        ctx.limiter.reserve = reserve_then_lose_redis
+        ctx.in_flight_limiter.acquire = acquire_then_lose_redis
         sweep = new_sweep(ctx)
         outcome = run_request(ctx, sweep.id, 2)
         assert outcome.stored and outcome.retry_in is None
