@@ -55,6 +55,7 @@ backend = "none"
 
 def serve_toml(requests: int, model: str) -> str:
     ages = [18, 20, 30, 40, 50, 60, 90, 25, 35, 45, 55, 70, 80, 15, 22, 33]
+    ages = ages[:max(1, min(len(ages), -(-requests // 2)))]  # 2 genders: about `requests` in all
     return f"""name = "overload"
 repeats = {max(1, -(-requests // (len(ages) * 2)))}
 [dimensions]
