@@ -156,7 +156,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         began = time.monotonic()
         body = None
         try:
-            raw = client.chat.completions.with_raw_response.create(**params)
+            raw = llm.post_chat_completion(client, params)
             _bookkeeping(ctx.limiter.observe, key, raw.headers)
             body = json.loads(raw.content)  # not JSON: ValueError, classified as malformed below
             # A 2xx is not always a completion: some gateways answer 200 {"error": {...}}.
