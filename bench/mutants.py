@@ -50,7 +50,9 @@ class Mutant:
 REL = "tests/acceptance/test_reliability.py"
 MUTANTS = [
     Mutant("insert-or-ignore", "§1 one row per request", "models/store.py",
-           '        .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])\n', "",
+           '            .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])\n'
+           '            .returning(Generation.__table__.c.id)  # rowcount',
+           '            .returning(Generation.__table__.c.id)  # rowcount',
            ("tests/unit/test_guarantees.py::test_a_second_insert_for_a_request_is_ignored",)),
     Mutant("redelivery-check", "§1 one row per request", "worker/generation.py",
            "    if stored:\n        return Outcome(attempts=attempts, rate_limited=rate_limited)  # redelivered",
