@@ -50,7 +50,9 @@ class Mutant:
 REL = "tests/acceptance/test_reliability.py"
 MUTANTS = [
     Mutant("insert-or-ignore", "§1 one row per request", "models/store.py",
-           '        .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])\n', "",
+           '            .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])\n'
+           '            .returning(Generation.__table__.c.id)  # rowcount',
+           '            .returning(Generation.__table__.c.id)  # rowcount',
            ("tests/unit/test_guarantees.py::test_a_second_insert_for_a_request_is_ignored",)),
     Mutant("redelivery-check", "§1 one row per request", "worker/generation.py",
            "    if stored:\n        return Outcome(attempts=attempts, rate_limited=rate_limited)  # redelivered",
@@ -103,8 +105,8 @@ MUTANTS = [
            "            ctx.limiter.observe(key, raw.headers)",
            ("tests/unit/test_generate_task.py::test_redis_lost_after_the_api_answered_the_answer_is_stored",)),
     Mutant("redis-after-answer-settle", "§4 Redis lost after the API answered: answer stored", "worker/generation.py",
-           "            _bookkeeping(ctx.limiter.settle, key, reserved, usage.total_tokens)",
-           "            ctx.limiter.settle(key, reserved, usage.total_tokens)",
+           "            _bookkeeping(ctx.limiter.settle, key, reserved, answer.total_tokens)",
+           "            ctx.limiter.settle(key, reserved, answer.total_tokens)",
            ("tests/unit/test_generate_task.py::test_redis_lost_after_the_api_answered_the_answer_is_stored",)),
     Mutant("cool-down", "§5 a 429 pauses the cluster", "worker/generation.py",
            "                ctx.limiter.cool_down(key, wait)  # the whole cluster pauses, not just this task",

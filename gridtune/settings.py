@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     embedded_concurrency: int = Field(32, ge=1, validation_alias=_env("GRIDTUNE_EMBEDDED_CONCURRENCY"))
     # Task events feed Flower; turn them off only if nobody watches (they cost a publish per state).
     task_events: bool = Field(True, validation_alias=_env("GRIDTUNE_TASK_EVENTS"))
+    # Celery's two INFO lines per task ("received", "succeeded"): off by default, they cost CPU at
+    # hundreds of tasks per second; failures, retries' reasons and gridtune's own lines stay.
+    task_log_lines: bool = Field(False, validation_alias=_env("GRIDTUNE_TASK_LOG_LINES"))
     enqueue_batch: int = Field(1000, ge=1, validation_alias=_env("GRIDTUNE_ENQUEUE_BATCH"))
     finetune_poll_seconds: float = Field(30.0, gt=0, validation_alias=_env("GRIDTUNE_FINETUNE_POLL_SECONDS"))
     # `sweep --wait` / `status --watch` re-send a sweep's missing requests after it has looked

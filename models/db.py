@@ -63,8 +63,11 @@ def _build_engine(url: str) -> Engine:
             # Worker pools run many threads, but each holds a connection only for a short query:
             # 20 per process is plenty and keeps several workers under Postgres's default
             # max_connections (100). Threads beyond that wait for a free connection.
+            # No pool_pre_ping (a round trip per checkout, two per request): a dead pooled
+            # connection fails its statement with a disconnect error, SQLAlchemy then drops every
+            # older pooled connection, and the callers retry (DB_UNAVAILABLE in worker/generation.py).
             engine = create_engine(
-                parsed, pool_pre_ping=True, pool_size=5, max_overflow=15, pool_timeout=60
+                parsed, pool_pre_ping=False, pool_size=5, max_overflow=15, pool_timeout=60
             )
     except (NoSuchModuleError, ArgumentError, ImportError) as exc:
         raise UserError(f"DATABASE_URL {safe_url(url)}: unsupported database: {exc}") from None
@@ -119,12 +122,25 @@ def get_engine(url: str) -> Engine:
         return engine
 
 
+_autocommit: dict[Engine, Engine] = {}
+
+
+def autocommit(engine: Engine) -> Engine:
+    """`engine` (same pool) whose connections run each statement in its own transaction: for the
+    worker's single-statement reads and writes, without BEGIN and COMMIT/ROLLBACK round trips."""
+    view = _autocommit.get(engine)
+    if view is None:
+        view = _autocommit.setdefault(engine, engine.execution_options(isolation_level="AUTOCOMMIT"))
+    return view
+
+
 def dispose_engines() -> None:
     """Close every pooled connection (after fork, and in tests)."""
     with _lock:
         for engine in _engines.values():
             engine.dispose()
             _session_factories.pop(engine, None)
+            _autocommit.pop(engine, None)
         _engines.clear()
 
 

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Iterator, TypeVar
 
-from sqlalchemy import JSON, Engine, and_, delete, func, or_, select, update
+from sqlalchemy import JSON, Engine, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gridtune.errors import UserError
 from gridtune.sweep import SweepConfig, config_from_snapshot
-from models.db import describe_database, session_scope
+from models.db import autocommit, describe_database, session_scope
 from models.schema import (
     Batch,
     BatchState,
@@ -54,15 +54,25 @@ def storable(value: Any) -> Any:
 
 def _fitted(table: Any, values: dict[str, Any]) -> dict[str, Any]:
     """storable() values, with strings cut to their column's length (a long invented finish_reason)."""
+    lengths = _column_lengths(table)
     fitted = {}
     for name, value in values.items():
         value = storable(value)
-        column = table.__table__.columns.get(name)
-        length = getattr(getattr(column, "type", None), "length", None)
-        if isinstance(value, str) and length and len(value) > length:
+        length = lengths.get(name)
+        if length and isinstance(value, str) and len(value) > length:
             value = value[:length]
         fitted[name] = value
     return fitted
+
+
+_lengths: dict[Any, dict[str, int | None]] = {}
+
+
+def _column_lengths(table: Any) -> dict[str, int | None]:
+    lengths = _lengths.get(table)
+    if lengths is None:  # once per table: a column lookup per value per row showed in profiles
+        lengths = _lengths[table] = {c.name: getattr(c.type, "length", None) for c in table.__table__.columns}
+    return lengths
 
 
 # --- sweeps -------------------------------------------------------------------------------------
@@ -191,29 +201,43 @@ def list_sweeps(engine: Engine) -> list[Sweep]:
 _configs: dict[tuple[int, str], SweepConfig] = {}
 
 
-def sweep_config(sweep: Sweep) -> SweepConfig:
+def sweep_config(sweep: Sweep | SweepHead) -> SweepConfig:
     """A stored sweep's config, parsed once per process and config version (its fingerprint)."""
-    cache_key = (sweep.id, sweep.fingerprint)
-    config = _configs.get(cache_key)
-    if config is None:
-        if len(_configs) > 64:
-            _configs.clear()
-        config = _configs[cache_key] = config_from_snapshot(sweep.config)
+    if isinstance(sweep, SweepHead):
+        return sweep.parsed
+    config = _configs.get((sweep.id, sweep.fingerprint))
+    return config if config is not None else _remember_config(sweep.id, sweep.fingerprint, sweep.config)
+
+
+def _remember_config(sweep_id: int, fingerprint: str, snapshot: dict[str, Any]) -> SweepConfig:
+    if len(_configs) > 64:
+        _configs.clear()
+    config = _configs[(sweep_id, fingerprint)] = config_from_snapshot(snapshot)
     return config
 
 
 # --- generation rows ----------------------------------------------------------------------------
 def insert_generation(engine: Engine, values: dict[str, Any]) -> bool:
     """Insert one row unless (sweep, request_index) already has one. True if this call inserted it."""
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    statement = (
-        dialect.insert(Generation)
-        .values(**_fitted(Generation, values))
-        .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])
-        .returning(Generation.id)  # rowcount is not reliable here on psycopg; a returned id is
-    )
-    with session_scope(engine) as session:
-        return session.execute(statement).scalar() is not None
+    # One Core statement per dialect, values bound at execution: SQLAlchemy compiles it once per
+    # set of columns (cached), where an ORM insert with .values() was rebuilt for every row.
+    with autocommit(engine).connect() as conn:  # one statement: no BEGIN/COMMIT round trips
+        return conn.execute(_insert_or_ignore(engine.dialect.name), _fitted(Generation, values)).scalar() is not None
+
+
+_insert_statements: dict[str, Any] = {}
+
+
+def _insert_or_ignore(dialect_name: str):
+    statement = _insert_statements.get(dialect_name)
+    if statement is None:
+        dialect = postgresql if dialect_name == "postgresql" else sqlite
+        statement = _insert_statements[dialect_name] = (
+            dialect.insert(Generation.__table__)
+            .on_conflict_do_nothing(index_elements=["sweep_id", "request_index"])
+            .returning(Generation.__table__.c.id)  # rowcount is not reliable here on psycopg; a returned id is
+        )
+    return statement
 
 
 def insert_generations(engine: Engine, rows: list[dict[str, Any]], chunk: int = 1000) -> int:
@@ -257,18 +281,47 @@ def _insert_generations_pg(engine: Engine, columns: list[str], rows: list[dict[s
     return inserted
 
 
-def sweep_and_row(engine: Engine, sweep_id: int, index: int) -> tuple[Sweep, bool]:
-    """The sweep and whether request `index` already has a row: one query, one round trip."""
-    exists = (
-        select(Generation.id)
-        .where(Generation.sweep_id == sweep_id, Generation.request_index == index)
-        .exists()
-    )
-    with session_scope(engine) as session:
-        found = session.execute(select(Sweep, exists).where(Sweep.id == sweep_id)).first()
-    if found is None:
-        raise LookupError(f"sweep {sweep_id} does not exist")
-    return found[0], bool(found[1])
+@dataclass(frozen=True)
+class SweepHead:
+    """What a worker reads of a sweep for each request: the `sweeps` columns it uses, without the
+    config JSON (parsed once per process and fingerprint: `parsed`)."""
+
+    id: int
+    name: str
+    state: str
+    stop_reason: str | None
+    max_cost_usd: float | None
+    created_at: datetime | None
+    enqueued_at: datetime | None
+    fingerprint: str
+    parsed: SweepConfig
+
+
+_HEAD_COLUMNS = ("id", "name", "state", "stop_reason", "max_cost_usd", "created_at", "enqueued_at", "fingerprint")
+_head_statement: Any = None
+
+
+def sweep_and_row(engine: Engine, sweep_id: int, index: int) -> tuple[SweepHead, bool]:
+    """The sweep and whether request `index` already has a row: one query, one round trip (a
+    second one only the first time a process meets this config). LookupError if no such sweep."""
+    global _head_statement
+    if _head_statement is None:  # built once; Core, not ORM: no identity map, no config JSON per row
+        table, rows = Sweep.__table__, Generation.__table__
+        exists = (select(rows.c.id)
+                  .where(rows.c.sweep_id == bindparam("sweep_id"), rows.c.request_index == bindparam("index"))
+                  .exists())
+        _head_statement = select(*(table.c[name] for name in _HEAD_COLUMNS), exists).where(
+            table.c.id == bindparam("sweep_id"))
+    with autocommit(engine).connect() as conn:  # reads only: no BEGIN/ROLLBACK round trips
+        found = conn.execute(_head_statement, {"sweep_id": sweep_id, "index": index}).first()
+        if found is None:
+            raise LookupError(f"sweep {sweep_id} does not exist")
+        head = dict(zip(_HEAD_COLUMNS, found[:-1]))
+        parsed = _configs.get((sweep_id, head["fingerprint"]))
+        if parsed is None:
+            snapshot = conn.execute(select(Sweep.__table__.c.config).where(Sweep.__table__.c.id == sweep_id)).scalar()
+            parsed = _remember_config(sweep_id, head["fingerprint"], snapshot)
+    return SweepHead(**head, parsed=parsed), bool(found[-1])
 
 
 def ok_indices(engine: Engine, sweep_id: int) -> set[int]:

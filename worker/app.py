@@ -16,11 +16,12 @@ from celery.signals import worker_process_init
 
 from gridtune.errors import UserError
 from gridtune.settings import Settings, get_settings
-from worker.broker import guard_closed_transport
+from worker.broker import guard_closed_transport, reuse_sync_client
 
 # kombu 5.7 can end a worker on broker loss with an AttributeError; make it a connection error
-# that the consumer's reconnect loop handles (see worker/broker.py).
+# that the consumer's reconnect loop handles; and it builds a Redis client per ack (worker/broker.py).
 guard_closed_transport()
+reuse_sync_client()
 
 EMBEDDED_BACKEND = "worker.embedded:InProcessRedisBackend"
 
@@ -75,9 +76,19 @@ def celery_config(settings: Settings) -> dict:
 for noisy in ("httpx", "httpx2"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
+
+def quiet_task_lines(settings: Settings) -> None:
+    """Celery's per-task INFO lines ("Task … received", "… succeeded in …s") off unless
+    GRIDTUNE_TASK_LOG_LINES: Celery reads these loggers' level once, when the worker starts."""
+    level = logging.NOTSET if settings.task_log_lines else logging.WARNING
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(level)
+
+
 app = Celery("gridtune", include=["worker.tasks"])
 try:
     app.conf.update(celery_config(get_settings()))
+    quiet_task_lines(get_settings())
 except UserError as exc:
     # A worker started with a bad environment: one line naming the variable, exit 2 (no traceback).
     print(f"gridtune: error: {exc}", file=sys.stderr)

@@ -181,7 +181,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         began = time.monotonic()
         body = latency = headers = None
         try:
-            raw = client.chat.completions.with_raw_response.create(**params)
+            raw = llm.post_chat_completion(client, params)
             latency, headers = time.monotonic() - began, raw.headers
             _bookkeeping(ctx.limiter.observe, key, raw.headers)
             body = json.loads(raw.content)  # not JSON: ValueError, classified as malformed below

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import httpx2
 import openai
 
 from gridtune.errors import UserError
@@ -36,6 +37,20 @@ def make_client(settings: Settings) -> openai.OpenAI:
         timeout=settings.request_timeout,
         max_retries=0,
     )
+
+
+def post_chat_completion(client: openai.OpenAI, params: Mapping[str, Any]) -> httpx2.Response:
+    """POST /chat/completions through the SDK's client; returns the raw response (status 2xx).
+
+    `params` are `chat.completions.create`'s keyword arguments (`extra_body` merged into the
+    body). The SDK still adds auth, base URL, timeout and headers and raises its APIStatusError /
+    APITimeoutError / APIConnectionError; what this skips is `create`'s per-call type-driven
+    transform of plain dicts and its response wrapper (~0.4 ms of CPU per request), since the
+    body is parsed as JSON by the caller anyway.
+    """
+    body = {name: value for name, value in params.items() if name != "extra_body"}
+    body.update(params.get("extra_body") or {})
+    return client.post("/chat/completions", body=body, cast_to=httpx2.Response)
 
 
 def budget_key(model: str, settings: Settings) -> str:

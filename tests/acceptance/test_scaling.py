@@ -48,7 +48,7 @@ def enqueue(config: Path, name: str, env: dict[str, str], cwd: Path) -> None:
 def test_sigterm_is_a_warm_shutdown_and_the_sweep_completes(redis_db, postgres_db, start_workers, tmp_path):
     total, name = 400, "scale-in"
     with localapi.running(latency_ms=300) as api:
-        env = worker_env(redis_db, postgres_db, api, tmp_path / "data")
+        env = worker_env(redis_db, postgres_db, api, tmp_path / "data", GRIDTUNE_TASK_LOG_LINES="true")  # the test reads them
         leaving, staying = start_workers(2, env, concurrency=8)
         enqueue(small_config(tmp_path / "in.toml", total), name, env, tmp_path)
         r = redis.Redis.from_url(redis_db)
@@ -94,7 +94,7 @@ def test_sigterm_is_a_warm_shutdown_and_the_sweep_completes(redis_db, postgres_d
 def test_worker_added_mid_sweep_takes_tasks_at_once(redis_db, postgres_db, start_workers, tmp_path):
     total, name = 300, "scale-out"
     with localapi.running(latency_ms=300) as api:
-        env = worker_env(redis_db, postgres_db, api, tmp_path / "data")
+        env = worker_env(redis_db, postgres_db, api, tmp_path / "data", GRIDTUNE_TASK_LOG_LINES="true")  # the test reads them
         start_workers(1, env, prefix="first", concurrency=5)
         enqueue(small_config(tmp_path / "out.toml", total), name, env, tmp_path)
         wait_for(lambda: row_count(postgres_db, name) >= 10, 60, 0.1, "the sweep to start")
