@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,15 @@ def describe_database(engine: Engine) -> str:
     return f"{url.render_as_string(hide_password=True)} (DATABASE_URL)"
 
 
+class RawJSON(str):
+    """JSON text already serialized (a large document written to a file first): a JSON column
+    stores it as it is instead of serializing it again."""
+
+
+def _json_dumps(value) -> str:
+    return str(value) if isinstance(value, RawJSON) else json.dumps(value)
+
+
 def _build_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
@@ -55,7 +65,8 @@ def _build_engine(url: str) -> Engine:
         raise UserError(f"DATABASE_URL is not a database URL: {url!r}") from None
     try:
         if parsed.get_backend_name() == "sqlite":
-            engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+            engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False},
+                                   json_serializer=_json_dumps)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             if parsed.drivername == "postgresql":
@@ -64,7 +75,8 @@ def _build_engine(url: str) -> Engine:
             # 20 per process is plenty and keeps several workers under Postgres's default
             # max_connections (100). Threads beyond that wait for a free connection.
             engine = create_engine(
-                parsed, pool_pre_ping=True, pool_size=5, max_overflow=15, pool_timeout=60
+                parsed, pool_pre_ping=True, pool_size=5, max_overflow=15, pool_timeout=60,
+                json_serializer=_json_dumps,
             )
     except (NoSuchModuleError, ArgumentError, ImportError) as exc:
         raise UserError(f"DATABASE_URL {safe_url(url)}: unsupported database: {exc}") from None

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 from gridtune.backend_rules import min_usable_examples
 from gridtune.sweep import SweepConfig
 from models import RowState, SweepState, session_scope, store
+from models.db import RawJSON
 from models.schema import Dataset
 from worker.context import WorkerContext
 from worker.tokens import count_messages, encoding_name
@@ -250,8 +251,13 @@ class DatasetSummary:
     encoding: str = "o200k_base"
     inputs: int = 0  # distinct inputs with a whole answer
     identical_inputs: int = 0  # of those, inputs answered more than once, always with the same text
-    report: dict[str, Any] | None = None  # the dataset report (worker/dataset_report.py), also report.json
-    report_path: Path | None = None
+    report_path: Path | None = None  # report.json: the dataset report (worker/dataset_report.py)
+    report_head: dict[str, Any] | None = None  # the report without its cells (for summaries)
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        """The whole report, read from report.json (it can be large: a cell per grid combination)."""
+        return json.loads(self.report_path.read_text(encoding="utf-8")) if self.report_path else None
 
 
 class _Writer:
@@ -339,14 +345,11 @@ def write_dataset(rows: Iterable[DatasetRow | tuple], config: SweepConfig, out_d
         if legacy:
             legacy.discard()
         raise
-    result = report.result()
     report_path = out_dir / "report.json"
-    tmp = report_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, report_path)
+    head = report.write(report_path)
     repeated = sum(1 for answer, count in answers.values() if answer is not None and count > 1)
     return DatasetSummary(train, validation, legacy_path, dropped, encoding,
-                          inputs=len(answers), identical_inputs=repeated, report=result, report_path=report_path)
+                          inputs=len(answers), identical_inputs=repeated, report_path=report_path, report_head=head)
 
 
 def likely_causes(dropped: dict[str, int], inputs: int | None, identical_inputs: int | None,
@@ -437,7 +440,8 @@ def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
             encoding=summary.encoding,
             inputs=summary.inputs,
             identical_inputs=summary.identical_inputs,
-            report=summary.report,
+            # The file's own text: the report is not rebuilt as Python objects (one per cell).
+            report=RawJSON(summary.report_path.read_text(encoding="utf-8")),
         )
         session.add(dataset)
         session.flush()
@@ -448,6 +452,6 @@ def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
     log.info(
         "sweep %s: dataset ready: %d train / %d validation examples, %d tokens; dropped: %s%s",
         sweep.name, summary.train.examples, dataset.validation_examples, summary.train.tokens, dropped,
-        f"; {note}" if (note := digest(summary.report)) else "",
+        f"; {note}" if (note := digest(summary.report_head)) else "",
     )
     return FinalizeResult(SweepState.DATASET_READY, dataset_id=dataset_id)

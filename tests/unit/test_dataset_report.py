@@ -203,3 +203,17 @@ def test_finalize_stores_the_report_in_the_database_and_beside_train_jsonl(tmp_p
     assert dataset.report["totals"]["requests"] == sweep.total_requests
     assert dataset.report["totals"]["train"] == dataset.train_examples
     assert f"report    {tmp_path.resolve() / 'd' / 'rep' / 'report.json'}" in "\n".join(after_sweep(ctx.engine, "rep"))
+
+
+def test_the_report_is_stored_as_json_on_postgres_too(postgres_db, tmp_path):
+    # The column gets report.json's own text (RawJSON): it must read back as the same document.
+    from gridtune.settings import Settings
+    from models import store
+    from tests.unit.test_finetune_helpers import make_sweep
+    from worker.context import WorkerContext
+
+    ctx = WorkerContext(Settings(DATABASE_URL=postgres_db, GRIDTUNE_DATA_DIR=str(tmp_path / "d")))
+    sweep, _ = make_sweep(ctx, "pg")
+    dataset = store.latest_dataset(ctx.engine, sweep.id)
+    assert dataset.report == json.loads((tmp_path / "d" / "pg" / "report.json").read_text())
+    assert dataset.report["totals"]["requests"] == sweep.total_requests
