@@ -18,11 +18,11 @@ Pairs and examples are request indices, at most 20 each. cost_usd is the stored 
 cell's priced rows in USD, None when none was priced.
 
 Near-duplicates: a MinHash signature (datasketch) of each answer's word 3-grams, looked up in a
-banded LSH index (bands and rows per band chosen by datasketch's MinHashLSH for the threshold, weighted for recall);
-candidates are confirmed by the signatures' estimated Jaccard similarity. The index is ours
-rather than MinHashLSH's own storage because that keeps a set and a bytes key per band per row
-(~1.5 KB/row): here a row costs its 4-byte-per-permutation signature and one int per band, and
-only the first answer of each near-duplicate group is indexed.
+banded LSH index (bands and rows per band chosen by datasketch's MinHashLSH for the threshold,
+weighted for recall); candidates are confirmed by the signatures' estimated Jaccard similarity.
+The index is ours rather than MinHashLSH's own storage because that keeps a set and a bytes key
+per band per row (~1.5 KB/row): here a row costs a 16-bit-per-permutation signature and 12 bytes
+per band (~220 B), and only the first answer of each near-duplicate group is indexed.
 """
 
 from __future__ import annotations
@@ -55,10 +55,11 @@ class RefusalPatterns:
 
     def __init__(self, patterns: list[str]):
         self.patterns = list(patterns)
-        self._regex = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+        # Compiled one by one: a pattern with its own inline flags cannot be joined into one regex.
+        self._regexes = [re.compile(p, re.IGNORECASE) for p in patterns]
 
     def match(self, text: str) -> bool:
-        return bool(self._regex and self._regex.search(text))
+        return any(regex.search(text) for regex in self._regexes)
 
 
 def shingles(text: str) -> set[bytes]:
