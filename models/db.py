@@ -55,7 +55,7 @@ class RawJSON(str):
 
 
 def _json_dumps(value) -> str:
-    return str(value) if isinstance(value, RawJSON) else json.dumps(value)
+    return value if isinstance(value, RawJSON) else json.dumps(value)  # as it is: no 2nd copy of a big text
 
 
 def _build_engine(url: str) -> Engine:
