@@ -217,6 +217,7 @@ def write_hf_dataset(engine, sweep, config, directory: str | Path, training: boo
     """A `datasets` folder (save_to_disk): one Dataset of every row, or (training) a DatasetDict
     with "train" and "validation" (when it has rows). Written through a temporary Parquet file."""
     datasets = require("datasets", "--hf-dataset" if not training else "--training-set-hf-dataset")
+    datasets.disable_progress_bars()  # one summary line per export, as for the other formats
     pq = require("pyarrow.parquet", "--hf-dataset")
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
