@@ -1,5 +1,8 @@
 """Finalizer benchmark: `finalize_sweep` (which streams rows into `write_dataset`) over 100k ok rows.
 
+The dataset report (report.json, datasets.report) is part of what is timed; the one-time import
+of datasketch (numpy, scipy) is measured apart (import s / import MB).
+
 Rows are synthetic (unique responses of ~40 words) and inserted with one executemany; then the
 finalizer runs in a fresh subprocess per database (SQLite file, fresh Postgres database) so that
 ru_maxrss is its own. A second subprocess measures the tracemalloc peak (tracemalloc slows it).
@@ -67,6 +70,13 @@ def child(url: str, sweep_id: int, out_dir: str, trace: bool) -> dict:
     from worker.context import WorkerContext
     from worker.dataset import finalize_sweep
     import worker.tokens  # noqa: F401  (bpe tables load on import: not finalizer cost)
+
+    # datasketch (and the numpy/scipy it imports) loads once per worker process: measured apart.
+    rss_before_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t_import = time.perf_counter()
+    import datasketch  # noqa: F401
+    import_s = time.perf_counter() - t_import
+    import_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_import) / 1024
     from worker.tokens import count_messages
 
     count_messages([{"role": "user", "content": "warm up"}], "o200k_base")
@@ -88,6 +98,7 @@ def child(url: str, sweep_id: int, out_dir: str, trace: bool) -> dict:
         peak = tracemalloc.get_traced_memory()[1] / 2**20
     sweep = store.get_sweep_by_id(ctx.engine, sweep_id)
     return dict(state=result.state, seconds=elapsed, maxrss_delta_mb=(rss1 - rss0) / 1024,
+                import_s=import_s, import_mb=import_mb,
                 maxrss_mb=rss1 / 1024, tracemalloc_peak_mb=peak, sweep_state=sweep.state)
 
 
@@ -152,9 +163,9 @@ def main() -> None:
                 results.append(run_db(kind, url, args.rows, not args.no_tracemalloc))
     rows = [[r["db"], r["rows"], r["insert_s"], r["seconds"], round(r["rows"] / r["seconds"]),
              r["maxrss_delta_mb"], "-" if r.get("tracemalloc_peak_mb") is None else round(r["tracemalloc_peak_mb"], 1),
-             r["train_lines"], r["state"]] for r in results]
+             r["train_lines"], r["state"], round(r["import_s"], 1), round(r["import_mb"], 1)] for r in results]
     print(md_table(["db", "rows", "insert s (executemany)", "finalize s", "rows/s", "ru_maxrss delta MB",
-                    "tracemalloc peak MB", "train lines", "result"], rows))
+                    "tracemalloc peak MB", "train lines", "result", "import s", "import MB"], rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

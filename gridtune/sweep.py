@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import string
 import tomllib
 from dataclasses import dataclass
@@ -84,11 +85,45 @@ class ModelSettings(_Section):
 RUN_OPTIONS = ("max_cost_usd", "mode", "max_in_flight")
 
 
+# Answers that look like a refusal: case-insensitive regular expressions searched in the answer.
+# Anchored on the phrasing of refusals, so "I can't be stopped!" in a hero's voice is not one.
+DEFAULT_REFUSAL_PATTERNS = (
+    r"^\W*I(?:['’]m| am) sorry\b",
+    r"\bI (?:can(?:['’]t|not)|won['’]t|am unable to|['’]m unable to|am not able to) "
+    r"(?:help|assist|comply|provide|create|write|fulfill|do that|generate)\b",
+    r"\bas an AI\b",
+    r"\bI(?:['’]m| am) (?:just )?an AI\b",
+    r"\bas a language model\b",
+)
+
+
 class DatasetSettings(_Section):
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     split_seed: int = 0
     legacy_format: bool = Field(False, description="Also write the prompt/completion form (' ->', ' END').")
     min_examples: int = Field(10, ge=1)
+    # --- issue 9: the dataset report (not part of the fingerprint: see REPORT_OPTIONS)
+    # Answers whose estimated Jaccard similarity (MinHash of word 3-grams) with an earlier answer
+    # reaches this are near-duplicates: flagged in report.json, dropped only when asked.
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
+    drop_near_duplicates: bool = False
+    refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS))
+    drop_refusal_like: bool = False
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _compilable(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
+
+
+# [dataset] fields added with the dataset report: left out of the fingerprint while at their
+# defaults, so sweeps stored before they existed keep theirs (a changed value is a changed config).
+REPORT_OPTIONS = ("near_duplicate_threshold", "drop_near_duplicates", "refusal_patterns", "drop_refusal_like")
 
 
 class FinetuneSettings(_Section):
@@ -181,6 +216,8 @@ class SweepConfig(_Section):
         """Identifies the config's content; `name` is excluded so renaming is not a change."""
         body = {k: v for k, v in self.snapshot().items() if k != "name"}
         body["model"] = {k: v for k, v in body["model"].items() if k not in RUN_OPTIONS}
+        defaults = DatasetSettings().model_dump(mode="json")
+        body["dataset"] = {k: v for k, v in body["dataset"].items() if k not in REPORT_OPTIONS or v != defaults[k]}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

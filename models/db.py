@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,15 @@ def describe_database(engine: Engine) -> str:
     return f"{url.render_as_string(hide_password=True)} (DATABASE_URL)"
 
 
+class RawJSON(str):
+    """JSON text already serialized (a large document written to a file first): a JSON column
+    stores it as it is instead of serializing it again."""
+
+
+def _json_dumps(value) -> str:
+    return value if isinstance(value, RawJSON) else json.dumps(value)  # as it is: no 2nd copy of a big text
+
+
 def _build_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
@@ -55,7 +65,8 @@ def _build_engine(url: str) -> Engine:
         raise UserError(f"DATABASE_URL is not a database URL: {url!r}") from None
     try:
         if parsed.get_backend_name() == "sqlite":
-            engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+            engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False},
+                                   json_serializer=_json_dumps)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             if parsed.drivername == "postgresql":
@@ -67,7 +78,8 @@ def _build_engine(url: str) -> Engine:
             # connection fails its statement with a disconnect error, SQLAlchemy then drops every
             # older pooled connection, and the callers retry (DB_UNAVAILABLE in worker/generation.py).
             engine = create_engine(
-                parsed, pool_pre_ping=False, pool_size=5, max_overflow=15, pool_timeout=60
+                parsed, pool_pre_ping=False, pool_size=5, max_overflow=15, pool_timeout=60,
+                json_serializer=_json_dumps,
             )
     except (NoSuchModuleError, ArgumentError, ImportError) as exc:
         raise UserError(f"DATABASE_URL {safe_url(url)}: unsupported database: {exc}") from None

@@ -150,6 +150,9 @@ class Dataset(Base):
     # (a server that ignores sampling settings).
     inputs: Mapped[int | None] = mapped_column(Integer)
     identical_inputs: Mapped[int | None] = mapped_column(Integer)
+    # The dataset report (worker/dataset_report.py: per-cell coverage, lengths, duplicates,
+    # refusal-like answers, tokens and cost), the same JSON as report.json beside train.jsonl.
+    report: Mapped[dict[str, Any] | None]
 
 
 class JobStatus:

@@ -6,7 +6,6 @@ Every failure the user can fix is one line on stderr and exit code 2, never a tr
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -18,8 +17,6 @@ from gridtune.errors import UserError
 from gridtune.settings import get_settings
 
 log = logging.getLogger("gridtune")
-
-CSV_COLUMNS = ["age", "gender", "power", "prompt", "sub_prompt", "response_txt", "finish_reason"]
 
 
 def _engine():
@@ -399,78 +396,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from models import RowState, store
-    from worker.dataset import chat_example, incomplete_reason, legacy_example
+    """Writers live in producer/exports.py; this only checks what was asked and dispatches."""
+    from models import store
+    from producer import exports
 
-    if not (args.csv or args.jsonl or args.training_set):
-        raise UserError("say what to write: --csv PATH, --jsonl PATH and/or --training-set PATH")
+    tables = (args.parquet, args.hf_dataset, args.training_set_parquet, args.training_set_hf_dataset)
+    if not (args.csv or args.jsonl or args.training_set or any(tables)):
+        raise UserError("say what to write: --csv PATH, --jsonl PATH, --training-set PATH, --parquet FILE, "
+                        "--hf-dataset DIR, --training-set-parquet FILE and/or --training-set-hf-dataset DIR")
     engine = _engine()
     sweep = store.get_sweep(engine, args.name)
     config = store.sweep_config(sweep)
     if args.training_set:
-        _export_training_set(engine, sweep, args.training_set)
-    if not (args.csv or args.jsonl):
-        return 0
-    written = lines = 0
-    with ExitStack() as stack:
-        csv_writer = jsonl = None
-        if args.csv:
-            handle = stack.enter_context(_open_out(args.csv))
-            # The tutorial's columns, with this sweep's dimensions in place of age/gender/power.
-            columns = list(config.dimensions) + ["prompt", "sub_prompt", "response_txt", "finish_reason", "state",
-                                                 "error"]
-            csv_writer = csv.writer(handle)
-            csv_writer.writerow(columns)
-        if args.jsonl:
-            jsonl = stack.enter_context(_open_out(args.jsonl))
-        for row in store.iter_rows(engine, sweep.id):
-            if csv_writer:
-                csv_writer.writerow([row.params.get(n) for n in config.dimensions] + [
-                    row.prompt, row.input_text, row.response_text or "", row.finish_reason or "",
-                    row.state, row.error or ""])
-            # Whole answers only: an incomplete one (truncated, filtered) is never a training line.
-            if (jsonl and row.state == RowState.OK and row.response_text
-                    and not incomplete_reason(row.finish_reason)):
-                example = (legacy_example(row.input_text, row.response_text) if args.legacy
-                           else chat_example(config, row.input_text, row.response_text))
-                jsonl.write(json.dumps(example, ensure_ascii=False) + "\n")
-                lines += 1
-            written += 1
-    if args.csv:
-        print(f"exported {written:,} rows of {sweep.name} to {args.csv}", file=sys.stderr)
-    if args.jsonl:
-        dataset = store.latest_dataset(engine, sweep.id)
-        training = (f"the training set has {dataset.train_examples:,} examples: --training-set PATH writes it"
-                    if dataset else "no training set yet")
-        print(f"exported {lines:,} lines to {args.jsonl}: one per whole ok answer, duplicates included, "
-              f"no split ({training})", file=sys.stderr)
+        exports.export_training_jsonl(engine, sweep, args.training_set)
+    if any(tables):
+        exports.export_tables(engine, sweep, config, parquet=args.parquet, hf_dataset=args.hf_dataset,
+                              training_parquet=args.training_set_parquet,
+                              training_hf_dataset=args.training_set_hf_dataset)
+    if args.csv or args.jsonl:
+        exports.export_rows_text(engine, sweep, config, args.csv, args.jsonl, args.legacy)
     return 0
-
-
-def _export_training_set(engine, sweep, path: str) -> None:
-    """Copy the finalizer's train.jsonl (deduplicated, validated, what is uploaded) to `path`."""
-    from models import store
-
-    dataset = store.latest_dataset(engine, sweep.id)
-    if dataset is None:
-        raise UserError(f"sweep {sweep.name} has no training set yet (state {sweep.state})")
-    try:
-        data = Path(dataset.train_path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read {dataset.train_path}: {exc.strerror}; run the sweep again to rebuild it") from None
-    with _open_out(path) as handle:
-        handle.write(data.decode("utf-8"))
-    print(f"exported the training set of {sweep.name} to {path}: {dataset.train_examples:,} examples "
-          f"(validation: {dataset.validation_examples:,} in {dataset.validation_path or 'none'})", file=sys.stderr)
-
-
-@contextmanager
-def _open_out(path: str):
-    try:
-        with open(path, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _usd(text: str) -> float:
@@ -558,12 +503,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="the HTML file (default: GRIDTUNE_DATA_DIR/NAME/report.html)")
     report.set_defaults(handler=cmd_report)
 
-    export = commands.add_parser("export", help="write a sweep's rows as CSV and/or training JSONL")
+    export = commands.add_parser("export", help="write a sweep's rows (CSV, JSONL, Parquet, a datasets folder) "
+                                                "or its training set")
     export.add_argument("name")
     export.add_argument("--csv", help="the tutorial's columns, one row per request")
     export.add_argument("--jsonl", help="a chat-format line for every whole ok answer (duplicates included, no split)")
     export.add_argument("--training-set", help="the finalizer's train.jsonl: deduplicated and validated, what is uploaded")
     export.add_argument("--legacy", action="store_true", help="with --jsonl: prompt/completion form (' ->', ' END')")
+    export.add_argument("--parquet", metavar="FILE",
+                        help="every row as Parquet: the grid's dimensions, prompt, input, response, finish_reason, "
+                             "tokens, cost, split (train/validation/heldout/failed/the reason it was dropped)")
+    export.add_argument("--hf-dataset", metavar="DIR", help="the same as a Hugging Face datasets folder (load_from_disk)")
+    export.add_argument("--training-set-parquet", metavar="FILE",
+                        help="the training set itself (train + validation after filtering), with `messages`, as Parquet")
+    export.add_argument("--training-set-hf-dataset", metavar="DIR",
+                        help="the training set as a datasets folder: a DatasetDict with train (and validation)")
     export.set_defaults(handler=cmd_export)
 
     from producer import tuning

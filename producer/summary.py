@@ -6,12 +6,14 @@ Kept apart from the live progress (producer/progress.py) and the CLI plumbing (p
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from sqlalchemy import Engine
 
 from models import JobStatus, SweepState, store
 from models.db import describe_database
 from worker.dataset import likely_causes
+from worker.dataset_report import digest
 from worker.finetune.ask import example_input
 
 
@@ -37,6 +39,11 @@ def after_sweep(engine: Engine, name: str, asked: bool = False) -> list[str]:
         kept = dataset.train_examples + dataset.validation_examples
         for cause in likely_causes(dataset.dropped, dataset.inputs, dataset.identical_inputs, kept):
             lines.append(f"  note      {cause}")
+        if dataset.report is not None:
+            lines.append(f"  report    {Path(dataset.train_path).with_name('report.json')} (per cell: coverage, "
+                         "drops, lengths, tokens, cost)")
+            if note := digest(dataset.report):
+                lines.append(f"  note      {note}")
     job = store.latest_job(engine, sweep.id)
     if job is not None and job.status == JobStatus.SUCCEEDED:
         if not asked:

@@ -11,11 +11,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from gridtune.backend_rules import min_usable_examples
 from gridtune.sweep import SweepConfig
 from models import RowState, SweepState, session_scope, store
+from models.db import RawJSON
 from models.schema import Dataset
 from worker.context import WorkerContext
 from worker.tokens import count_messages, encoding_name
@@ -113,6 +114,126 @@ def in_validation(seed: int, fraction: float, input_text: str, response: str) ->
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+class DatasetRow(NamedTuple):
+    """One stored row as the finalizer and the exports see it.
+
+    The first four (five) fields are the old row tuple, so tests may still pass
+    (state, finish_reason, response, input_text[, refusal]); the rest feed the report (cell,
+    tokens, cost in USD) and the held-out rule (params, repeat).
+    """
+
+    state: str
+    finish_reason: str | None
+    response: str | None
+    input_text: str
+    refusal: str | None = None
+    params: dict[str, Any] | None = None
+    repeat: int = 0
+    request_index: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+
+
+# A row's fate (`Fate.split`): one of these, or the reason it was dropped (see row_fates).
+TRAIN, VALIDATION, HELDOUT, FAILED = "train", "validation", "heldout", "failed"
+
+
+def is_heldout(config: SweepConfig, params: dict[str, Any], repeat: int) -> bool:
+    """Whether the request (params, repeat) is held out of training for evaluation.
+
+    The place for issue 9's [eval] rule (a pure function of config, params, repeat); until it
+    exists nothing is held out.
+    """
+    return False
+
+
+@dataclass(frozen=True)
+class Fate:
+    """What becomes of one row.
+
+    split: TRAIN, VALIDATION, HELDOUT, FAILED, or the dropped reason ("truncated",
+    "content_filter", "finish_reason=<v>", "refused", "duplicates", "refusal_like",
+    "near_duplicates", "invalid", "too_long"). example/tokens: the chat example and its token
+    count when it is written (train/validation). whole: the answer is usable (not failed,
+    incomplete or refused). near: (earlier request index, estimated similarity) when the answer
+    is a near-duplicate of an earlier one, dropped or not. refusal_like: the answer matched a
+    [dataset] refusal_patterns entry, dropped or not.
+    """
+
+    split: str
+    example: dict[str, Any] | None = None
+    tokens: int = 0
+    whole: bool = False
+    near: tuple[int, float] | None = None
+    refusal_like: bool = False
+
+
+def as_row(row: DatasetRow | tuple, position: int) -> DatasetRow:
+    """A DatasetRow from a row or an old-style tuple; request_index defaults to the position."""
+    row = row if isinstance(row, DatasetRow) else DatasetRow(*row)
+    return row if row.request_index is not None else row._replace(request_index=position)
+
+
+def row_fates(rows: Iterable[DatasetRow | tuple], config: SweepConfig) -> Iterator[tuple[DatasetRow, Fate]]:
+    """The one decision of each row's fate, in order, used by the finalizer and the exports.
+
+    Rows must come in the same order each time (request order) for the same result: duplicates
+    keep the first. Order of checks: failed -> incomplete -> provider refusal -> held out ->
+    exact duplicate (same input and answer) -> refusal-like -> near-duplicate -> invalid ->
+    too long -> validation or train (`in_validation`). Refusal-like and near-duplicate answers are
+    only dropped when [dataset] drop_refusal_like / drop_near_duplicates say so. Streams: what it
+    keeps per row is a 20-byte key and the near-duplicate index (see worker/dataset_report.py).
+    """
+    from worker.dataset_report import NearDuplicates, RefusalPatterns
+
+    settings = config.dataset
+    encoding = encoding_name(config.finetune.base_model)
+    limit = config.finetune.max_example_tokens
+    refusals = RefusalPatterns(settings.refusal_patterns)
+    near_index = NearDuplicates(settings.near_duplicate_threshold)
+    seen: set[bytes] = set()
+    for position, raw in enumerate(rows):
+        row = as_row(raw, position)
+        response = row.response
+        if row.state != RowState.OK or not response:
+            yield row, Fate(FAILED)
+            continue
+        if why := incomplete_reason(row.finish_reason):
+            yield row, Fate(why)
+            continue
+        if row.refusal:
+            yield row, Fate("refused")
+            continue
+        if is_heldout(config, row.params or {}, row.repeat):
+            yield row, Fate(HELDOUT, whole=True)
+            continue
+        key = hashlib.sha1(f"{row.input_text}\x00{response}".encode()).digest()
+        if key in seen:
+            yield row, Fate("duplicates", whole=True)
+            continue
+        seen.add(key)
+        refusal_like = refusals.match(response)
+        if refusal_like and settings.drop_refusal_like:
+            yield row, Fate("refusal_like", whole=True, refusal_like=True)
+            continue
+        near = near_index.check(row.request_index, response)
+        if near and settings.drop_near_duplicates:
+            yield row, Fate("near_duplicates", whole=True, near=near, refusal_like=refusal_like)
+            continue
+        example = chat_example(config, row.input_text, response)
+        if validate_example(example):
+            yield row, Fate("invalid", whole=True, near=near, refusal_like=refusal_like)
+            continue
+        tokens = count_messages(example["messages"], encoding)
+        if tokens > limit:
+            yield row, Fate("too_long", whole=True, near=near, refusal_like=refusal_like)
+            continue
+        split = VALIDATION if in_validation(settings.split_seed, settings.validation_fraction,
+                                            row.input_text, response) else TRAIN
+        yield row, Fate(split, example, tokens, True, near, refusal_like)
+
+
 @dataclass
 class Split:
     path: Path
@@ -130,6 +251,13 @@ class DatasetSummary:
     encoding: str = "o200k_base"
     inputs: int = 0  # distinct inputs with a whole answer
     identical_inputs: int = 0  # of those, inputs answered more than once, always with the same text
+    report_path: Path | None = None  # report.json: the dataset report (worker/dataset_report.py)
+    report_head: dict[str, Any] | None = None  # the report without its cells (for summaries)
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        """The whole report, read from report.json (it can be large: a cell per grid combination)."""
+        return json.loads(self.report_path.read_text(encoding="utf-8")) if self.report_path else None
 
 
 class _Writer:
@@ -155,70 +283,57 @@ class _Writer:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_dataset(
-    rows: Iterable[tuple[str, str | None, str | None, str]], config: SweepConfig, out_dir: Path
-) -> DatasetSummary:
-    """Writes train/validation(/legacy) JSONL; returns what went where and what was dropped why.
+# Dropped reasons always present in DatasetSummary.dropped (others appear when they occur).
+BASE_DROPPED = ("failed", "truncated", "duplicates", "too_long", "invalid")
 
-    rows: (state, finish_reason, response_text, input_text[, refusal]). Dropped (each its own
-    count): failed rows, answers that are not whole (`incomplete_reason`: truncated,
-    content_filter, finish_reason=<other>), refused answers, duplicates, invalid and too long
-    examples. `identical_inputs` counts inputs answered more than once, always with the same text.
+
+def write_dataset(rows: Iterable[DatasetRow | tuple], config: SweepConfig, out_dir: Path) -> DatasetSummary:
+    """Writes train/validation(/legacy) JSONL and report.json; returns what went where and why.
+
+    rows: DatasetRow, or tuples (state, finish_reason, response_text, input_text[, refusal, ...])
+    in the DatasetRow field order. Each row's fate is `row_fates`'s: dropped ones are counted by
+    reason (failed rows under "failed"); held-out ones are counted in the report only.
+    `identical_inputs` counts inputs answered more than once, always with the same text.
     """
+    from worker.dataset_report import ReportBuilder
+
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = config.dataset
     encoding = encoding_name(config.finetune.base_model)
-    limit = config.finetune.max_example_tokens
-    dropped: dict[str, int] = {"failed": 0, "truncated": 0, "duplicates": 0, "too_long": 0, "invalid": 0}
-    seen: set[bytes] = set()
+    dropped: dict[str, int] = dict.fromkeys(BASE_DROPPED, 0)
     # input -> (its one answer so far, None once answers differ; how many usable answers)
     answers: dict[str, tuple[bytes | None, int]] = {}
+    report = ReportBuilder(config)
     train = Split(out_dir / "train.jsonl")
     validation = Split(out_dir / "validation.jsonl") if settings.validation_fraction > 0 else None
-    writers = {id(train): _Writer(train.path)}
+    writers = {TRAIN: _Writer(train.path)}
     if validation:
-        writers[id(validation)] = _Writer(validation.path)
+        writers[VALIDATION] = _Writer(validation.path)
     legacy = _Writer(out_dir / "legacy.jsonl") if settings.legacy_format else None
     try:
-        for state, finish_reason, response, input_text, *refusal in rows:
-            if state != RowState.OK or not response:
-                dropped["failed"] += 1
+        for row, fate in row_fates(rows, config):
+            report.add(row, fate)
+            if fate.whole:
+                answer = hashlib.sha1(row.response.encode()).digest()
+                first, count = answers.get(row.input_text, (answer, 0))
+                answers[row.input_text] = (first if first == answer else None, count + 1)
+            if fate.split not in (TRAIN, VALIDATION, HELDOUT):
+                dropped[fate.split] = dropped.get(fate.split, 0) + 1
                 continue
-            if why := incomplete_reason(finish_reason):
-                dropped[why] = dropped.get(why, 0) + 1
+            if fate.split == HELDOUT:
                 continue
-            if refusal and refusal[0]:
-                dropped["refused"] = dropped.get("refused", 0) + 1
-                continue
-            key = hashlib.sha1(f"{input_text}\x00{response}".encode()).digest()
-            answer = hashlib.sha1(response.encode()).digest()
-            first, count = answers.get(input_text, (answer, 0))
-            answers[input_text] = (first if first == answer else None, count + 1)
-            if key in seen:
-                dropped["duplicates"] += 1
-                continue
-            seen.add(key)
-            example = chat_example(config, input_text, response)
-            if validate_example(example):
-                dropped["invalid"] += 1
-                continue
-            tokens = count_messages(example["messages"], encoding)
-            if tokens > limit:
-                dropped["too_long"] += 1
-                continue
-            split = validation if validation and in_validation(
-                settings.split_seed, settings.validation_fraction, input_text, response) else train
-            writers[id(split)].write(example)
+            split = train if fate.split == TRAIN else validation
+            writers[fate.split].write(fate.example)
             split.examples += 1
-            split.tokens += tokens
+            split.tokens += fate.tokens
             if legacy:
-                legacy.write(legacy_example(input_text, response))
-        train.sha256 = writers[id(train)].commit()
+                legacy.write(legacy_example(row.input_text, row.response))
+        train.sha256 = writers[TRAIN].commit()
         if validation:
             if validation.examples:
-                validation.sha256 = writers[id(validation)].commit()
+                validation.sha256 = writers[VALIDATION].commit()
             else:
-                writers[id(validation)].discard()
+                writers[VALIDATION].discard()
                 validation = None
         legacy_path = None
         if legacy:
@@ -230,9 +345,11 @@ def write_dataset(
         if legacy:
             legacy.discard()
         raise
+    report_path = out_dir / "report.json"
+    head = report.write(report_path)
     repeated = sum(1 for answer, count in answers.values() if answer is not None and count > 1)
     return DatasetSummary(train, validation, legacy_path, dropped, encoding,
-                          inputs=len(answers), identical_inputs=repeated)
+                          inputs=len(answers), identical_inputs=repeated, report_path=report_path, report_head=head)
 
 
 def likely_causes(dropped: dict[str, int], inputs: int | None, identical_inputs: int | None,
@@ -265,9 +382,15 @@ class FinalizeResult:
     message: str = ""
 
 
-def _rows(ctx: WorkerContext, sweep_id: int) -> Iterator[tuple[str, str | None, str | None, str, str | None]]:
+def dataset_row(row: Any) -> DatasetRow:
+    """A stored Generation as a DatasetRow."""
+    return DatasetRow(row.state, row.finish_reason, row.response_text, row.input_text, row.refusal, row.params,
+                      row.repeat, row.request_index, row.prompt_tokens, row.completion_tokens, row.cost_usd)
+
+
+def _rows(ctx: WorkerContext, sweep_id: int) -> Iterator[DatasetRow]:
     for row in store.iter_rows(ctx.engine, sweep_id):
-        yield row.state, row.finish_reason, row.response_text, row.input_text, row.refusal
+        yield dataset_row(row)
 
 
 def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
@@ -317,13 +440,18 @@ def finalize_sweep(ctx: WorkerContext, sweep_id: int) -> FinalizeResult:
             encoding=summary.encoding,
             inputs=summary.inputs,
             identical_inputs=summary.identical_inputs,
+            # The file's own text: the report is not rebuilt as Python objects (one per cell).
+            report=RawJSON(summary.report_path.read_text(encoding="utf-8")),
         )
         session.add(dataset)
         session.flush()
         dataset_id = dataset.id
     store.set_sweep_state(engine, sweep_id, SweepState.DATASET_READY)
+    from worker.dataset_report import digest
+
     log.info(
-        "sweep %s: dataset ready: %d train / %d validation examples, %d tokens; dropped: %s",
+        "sweep %s: dataset ready: %d train / %d validation examples, %d tokens; dropped: %s%s",
         sweep.name, summary.train.examples, dataset.validation_examples, summary.train.tokens, dropped,
+        f"; {note}" if (note := digest(summary.report_head)) else "",
     )
     return FinalizeResult(SweepState.DATASET_READY, dataset_id=dataset_id)

@@ -202,7 +202,17 @@ def test_collect_reads_the_store(tmp_path):
     page = report.build_html(data)
     assert {"summary", "finetune-job", "loss-curves", "dataset-totals", "no-eval"} <= ids(page)
 
-    # A dataset report left beside train.jsonl (report.json) is read when the row has none.
+    # The finalizer stores the dataset report with the dataset (and as report.json).
+    assert data["dataset"]["report"]["totals"]["requests"] == sweep.total_requests
+    # A dataset report left beside train.jsonl (report.json) is read when the row has none (a
+    # dataset finalized before the report column existed).
+    from sqlalchemy import update
+
+    from models import session_scope
+    from models.schema import Dataset
+
+    with session_scope(ctx.engine) as session:
+        session.execute(update(Dataset).where(Dataset.id == dataset_id).values(report=None))
     Path(dataset.train_path).with_name("report.json").write_text(json.dumps(dataset_report()))
     assert report.collect(ctx.engine, "heroes")["dataset"]["report"]["totals"]["requests"] == 294
 
