@@ -152,6 +152,33 @@ class AskSettings(_Section):
     example: str | None = None
 
 
+class EvalSettings(_Section):
+    """[eval]: what `python -m producer eval` asks, and what the finalizer keeps out of training."""
+
+    # The last `holdout_repeats` repeats of every cell never enter training.
+    holdout_repeats: int = Field(0, ge=0)
+    # Whole values of a dimension never seen in training (generalisation): {power = ["flight"]}.
+    holdout_cells: dict[str, list[Scalar]] = Field(default_factory=dict)
+    # Free inputs, in the input template's form where possible: "18, man, can eat a lot".
+    inputs: list[str] = Field(default_factory=list)
+    # The pairwise judge; unset = [model] name (the model that wrote the data).
+    judge_model: str | None = Field(None, min_length=1)
+    # The generation prompt's length limit in words, for the judge-free check.
+    max_words: int = Field(100, ge=1)
+    # Base and tuned model answer with these settings.
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_output_tokens: int = Field(256, ge=1)
+
+    @field_validator("inputs")
+    @classmethod
+    def _non_empty_inputs(cls, inputs: list[str]) -> list[str]:
+        if any(not text.strip() for text in inputs):
+            raise ValueError("an input is empty")
+        if len(set(inputs)) != len(inputs):
+            raise ValueError("an input is listed twice")
+        return inputs
+
+
 class SweepConfig(_Section):
     name: str | None = Field(None, description="Default sweep name when --name is not given.")
     repeats: int = Field(1, description="Requests per combination.")
@@ -161,6 +188,8 @@ class SweepConfig(_Section):
     dataset: DatasetSettings = DatasetSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     ask: AskSettings = AskSettings()
+    # None = no held-out set (and, for the fingerprint, a config stored before [eval] existed).
+    eval: EvalSettings | None = None
 
     @field_validator("repeats")
     @classmethod
@@ -214,7 +243,7 @@ class SweepConfig(_Section):
     @cached_property
     def fingerprint(self) -> str:
         """Identifies the config's content; `name` is excluded so renaming is not a change."""
-        body = {k: v for k, v in self.snapshot().items() if k != "name"}
+        body = {k: v for k, v in self.snapshot().items() if k != "name" and not (k == "eval" and v is None)}
         body["model"] = {k: v for k, v in body["model"].items() if k not in RUN_OPTIONS}
         defaults = DatasetSettings().model_dump(mode="json")
         body["dataset"] = {k: v for k, v in body["dataset"].items() if k not in REPORT_OPTIONS or v != defaults[k]}
@@ -263,6 +292,70 @@ def check_template(label: str, template: str, dimensions: dict[str, list[Scalar]
             raise ConfigError(f"templates.{label}: cannot render with {sample}: {exc}") from None
 
 
+def eval_problems(config: SweepConfig) -> list[str]:
+    """What is wrong with [eval] given the grid: unknown dimensions or values, nothing left to train on."""
+    settings = config.eval
+    if settings is None:
+        return []
+    problems = []
+    if settings.holdout_repeats >= config.repeats:
+        problems.append(f"eval.holdout_repeats: {settings.holdout_repeats} of {config.repeats} repeats leaves "
+                        "none for training")
+    for name, values in settings.holdout_cells.items():
+        if name not in config.dimensions:
+            problems.append(f"eval.holdout_cells: {name!r} is not a declared dimension "
+                            f"(declared: {', '.join(config.dimensions)})")
+            continue
+        declared = {json.dumps(v) for v in config.dimensions[name]}
+        if unknown := [v for v in values if json.dumps(v) not in declared]:
+            problems.append(f"eval.holdout_cells.{name}: {', '.join(map(repr, unknown))} not among its values")
+        elif {json.dumps(v) for v in values} >= declared:
+            problems.append(f"eval.holdout_cells.{name}: holds out every value, leaving nothing for training")
+    return problems
+
+
+def heldout_source(config: SweepConfig, params: dict[str, Scalar], repeat: int) -> str | None:
+    """Why request (params, repeat) is held out of training: "heldout_cell" (one of its values is in
+    [eval] holdout_cells), "heldout_repeat" (one of the last holdout_repeats repeats), or None.
+
+    Pure and deterministic: the finalizer and `eval` call it on the stored rows and agree.
+    """
+    settings = config.eval
+    if settings is None:
+        return None
+    for name, values in settings.holdout_cells.items():
+        if name in params and json.dumps(params[name]) in {json.dumps(v) for v in values}:
+            return "heldout_cell"
+    if repeat >= config.repeats - settings.holdout_repeats:
+        return "heldout_repeat"
+    return None
+
+
+def parse_input(config: SweepConfig, text: str) -> dict[str, Scalar] | None:
+    """The dimension values a free input spells in the input template's form, else None.
+
+    "18, man, can eat a lot" with "{age}, {gender}, {power}" -> {"age": 18, "gender": "man",
+    "power": "can eat a lot"}: a value equal to a declared one (as written) takes its type.
+    """
+    pattern, names = "", []
+    for literal, field, _spec, _conversion in string.Formatter().parse(config.templates.input):
+        pattern += re.escape(literal)
+        if field is not None:
+            if field in names:
+                pattern += f"(?P={field})"
+            else:
+                pattern += f"(?P<{field}>.+?)"
+                names.append(field)
+    match = re.fullmatch(pattern, text.strip(), flags=re.DOTALL)
+    if match is None or not names:
+        return None
+    cell: dict[str, Scalar] = {}
+    for name in names:
+        raw = match.group(name).strip()
+        cell[name] = next((v for v in config.dimensions[name] if str(v) == raw), raw)
+    return cell
+
+
 def _describe(error: ValidationError) -> str:
     """Every problem, on one line: "repeats: must be ...; templates: Field required"."""
     problems = []
@@ -297,6 +390,8 @@ def parse_config(text: str, source: str = "config", max_requests: int | None = N
                 check_template(label, template, config.dimensions)
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
+    if problems := eval_problems(config):
+        raise ConfigError(f"{source}: " + "; ".join(problems))
     from gridtune.backend_rules import config_problems
 
     if problems := config_problems(config):

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from . import text, tokens
+from . import judge, text, tokens
 from .errors import RequestError, invalid_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -161,7 +161,9 @@ def reply_to(request: ChatRequest, server_seed: int) -> Reply:
     """The same request (model, messages, sampling knobs) always gets the same reply."""
     fingerprint = json.dumps([server_seed, request.model, request.messages, request.sampling], sort_keys=True)
     rng = random.Random(hashlib.blake2b(fingerprint.encode(), digest_size=8).digest())
-    content = text.describe(request.last_user_text(), rng, tuned=request.tuned)
+    # A pairwise judge's prompt gets a verdict (localapi/judge.py); everything else a description.
+    content = judge.verdict(request.last_user_text()) or text.describe(request.last_user_text(), rng,
+                                                                        tuned=request.tuned)
 
     finish_reason = "stop"
     encoded = tokens.encode(content)

@@ -210,3 +210,89 @@ class FinetuneEvent(Base):
     level: Mapped[str] = mapped_column(String(16), default="info")
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None]
+
+
+# --- issue 9: `python -m producer eval` -------------------------------------------------------------
+class EvalState:
+    ANSWERING = "answering"  # base and tuned answers being stored
+    JUDGING = "judging"      # the judge's verdicts being stored
+    SCORING = "scoring"      # the eval finalizer holds it (validation losses of the local backend)
+    DONE = "done"            # metrics are complete (the eval finalizer ran)
+
+
+class EvalRun(Base):
+    """One evaluation of a sweep's tuned model against its base: at most one per (sweep, job).
+
+    `items` fixes what is asked, in order: [{"input", "cell", "source", "references"}]; the
+    answer and judgement rows point into it by `item_index`.
+    """
+
+    __tablename__ = "eval_runs"
+    __table_args__ = (UniqueConstraint("sweep_id", "job_id", name="uq_eval_run"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("finetune_jobs.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16), default=EvalState.ANSWERING)
+    base_model: Mapped[str] = mapped_column(Text)
+    tuned_model: Mapped[str] = mapped_column(Text)
+    judge_model: Mapped[str] = mapped_column(Text)
+    settings: Mapped[dict[str, Any]]  # the [eval] section it ran with
+    items: Mapped[list[Any]] = mapped_column(JSON)
+    # {"overall": {"base": x, "tuned": y}, "cells": {cell key: {...}}, "source": "local" | "provider"}
+    validation_loss: Mapped[dict[str, Any] | None]
+    finalizer_runs: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class EvalAnswer(Base):
+    """One model's answer to one eval item: exactly one row per (run, item, side)."""
+
+    __tablename__ = "eval_answers"
+    __table_args__ = (UniqueConstraint("eval_id", "item_index", "side", name="uq_eval_answer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    eval_id: Mapped[int] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"), index=True)
+    item_index: Mapped[int] = mapped_column(Integer)
+    side: Mapped[str] = mapped_column(String(8))  # "base" or "tuned"
+    state: Mapped[str] = mapped_column(String(16))  # RowState
+    text: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    error_kind: Mapped[str | None] = mapped_column(String(40))
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvalJudgement(Base):
+    """One verdict of the pairwise judge: exactly one row per (run, item, order).
+
+    `position` is "base_first" (base is answer A) or "tuned_first"; `winner` is "base", "tuned", "tie",
+    or "invalid" (the verdict could not be read); the judge's prompt and raw reply are kept.
+    """
+
+    __tablename__ = "eval_judgements"
+    __table_args__ = (UniqueConstraint("eval_id", "item_index", "position", name="uq_eval_judgement"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    eval_id: Mapped[int] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"), index=True)
+    item_index: Mapped[int] = mapped_column(Integer)
+    position: Mapped[str] = mapped_column(String(16))  # which answer came first ("order" is SQL's)
+    state: Mapped[str] = mapped_column(String(16))  # RowState
+    prompt: Mapped[str | None] = mapped_column(Text)
+    verdict_text: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    winner: Mapped[str | None] = mapped_column(String(8))
+    model: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    error_kind: Mapped[str | None] = mapped_column(String(40))
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)

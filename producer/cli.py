@@ -520,9 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the training set as a datasets folder: a DatasetDict with train (and validation)")
     export.set_defaults(handler=cmd_export)
 
-    from producer import tuning
+    from producer import evaluate, tuning
 
     tuning.add_commands(commands)
+    evaluate.add_commands(commands)
     return parser
 
 

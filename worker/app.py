@@ -65,7 +65,8 @@ def celery_config(settings: Settings) -> dict:
         task_send_sent_event=False,
         result_expires=7 * 24 * 3600,  # never 0: that hangs chords
         task_default_queue="gridtune",
-        task_routes={"gridtune.finetune_local": {"queue": "finetune"}},
+        task_routes={"gridtune.finetune_local": {"queue": "finetune"},
+                     "gridtune.eval_finalize_local": {"queue": "finetune"}},
         worker_hijack_root_logger=False,
         # Arguments and results are shown in Flower and events: they are ids only, but say so.
         task_protocol=2,
@@ -85,7 +86,7 @@ def quiet_task_lines(settings: Settings) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-app = Celery("gridtune", include=["worker.tasks"])
+app = Celery("gridtune", include=["worker.tasks", "worker.eval_tasks"])
 try:
     app.conf.update(celery_config(get_settings()))
     quiet_task_lines(get_settings())

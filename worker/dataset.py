@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
 from gridtune.backend_rules import min_usable_examples
-from gridtune.sweep import SweepConfig
+from gridtune.sweep import SweepConfig, heldout_source
 from models import RowState, SweepState, session_scope, store
 from models.db import RawJSON
 from models.schema import Dataset
@@ -142,10 +142,9 @@ TRAIN, VALIDATION, HELDOUT, FAILED = "train", "validation", "heldout", "failed"
 def is_heldout(config: SweepConfig, params: dict[str, Any], repeat: int) -> bool:
     """Whether the request (params, repeat) is held out of training for evaluation.
 
-    The place for issue 9's [eval] rule (a pure function of config, params, repeat); until it
-    exists nothing is held out.
+    [eval]'s rule: `gridtune.sweep.heldout_source` (a pure function of config, params, repeat).
     """
-    return False
+    return heldout_source(config, params, repeat) is not None
 
 
 @dataclass(frozen=True)
@@ -321,6 +320,7 @@ def write_dataset(rows: Iterable[DatasetRow | tuple], config: SweepConfig, out_d
                 dropped[fate.split] = dropped.get(fate.split, 0) + 1
                 continue
             if fate.split == HELDOUT:
+                dropped[HELDOUT] = dropped.get(HELDOUT, 0) + 1  # recorded with the dataset; `eval` asks them
                 continue
             split = train if fate.split == TRAIN else validation
             writers[fate.split].write(fate.example)

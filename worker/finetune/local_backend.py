@@ -331,3 +331,47 @@ def _save(model, tokenizer, adapter_dir: Path) -> None:
     tokenizer.save_pretrained(staging)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     staging.rename(adapter_dir)
+
+
+# --- issue 9: validation loss of base and tuned on held-out references ---------------------------
+def heldout_losses(settings: FinetuneSettings, adapter: str, groups: dict[str, list[list[dict[str, str]]]],
+                   cache_dir: Path | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """The training run's own validation loss (TRL's evaluate: mean cross-entropy in nats over the
+    reply tokens, prompt masked, `max_seq_length` truncation) of the base model and of base +
+    `adapter`, on each group of chat examples (a grid cell's held-out references) and on all.
+
+    Returns ({group: {"base", "tuned"}}, {"base", "tuned"}). LocalModelError when the extra, the
+    base or the adapter is missing.
+    """
+    import tempfile
+
+    folder = _base_folder(settings.base_model, cache_dir)
+    localmodel.resolve(adapter, cache_dir)  # the adapter folder exists: one line if not
+    torch, transformers, peft, trl, datasets = _training_stack()
+    device = _device(torch)
+    tokenizer, model = _load_base(transformers, torch, folder, device)
+    model = peft.PeftModel.from_pretrained(model, adapter).to(device)
+    names = {f"g{i}": group for i, group in enumerate(groups)}
+    records = {name: [prompt_completion(m) for m in groups[group]] for name, group in names.items()}
+    records["all"] = [record for name in names for record in records[name]]
+    with tempfile.TemporaryDirectory(prefix="gridtune-eval-") as work_dir:
+        args = trl.SFTConfig(
+            output_dir=work_dir, per_device_eval_batch_size=EVAL_BATCH, max_length=settings.max_seq_length,
+            completion_only_loss=True, bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+            save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+            dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
+        )
+        trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                 eval_dataset={name: datasets.Dataset.from_list(rows) for name, rows in records.items()})
+        trainer.remove_callback(transformers.PrinterCallback)
+        tuned = trainer.evaluate()
+        with model.disable_adapter():  # the same weights without LoRA: the base model
+            base = trainer.evaluate()
+
+    def pair(name: str) -> dict[str, float] | None:
+        key = f"eval_{name}_loss"
+        if key not in tuned or key not in base:
+            return None  # every example of the group was longer than max_seq_length
+        return {"base": round(float(base[key]), 6), "tuned": round(float(tuned[key]), 6)}
+
+    return {group: pair(name) for name, group in names.items()}, pair("all")
