@@ -118,7 +118,10 @@ def judge_messages(config: SweepConfig, item: dict[str, Any], first: str, second
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
-_VERDICT = re.compile(r"^\W*(?:answer\s+|verdict\W*|option\s+)?(a|b|tie)\b", re.IGNORECASE)
+# A reply that starts with its verdict: "A", "B.", "**tie**", "Answer B", "Verdict: A", "A is better";
+# not an article ("A stubborn man ...").
+_VERDICT = re.compile(r"^\W*(?:(?:answer|verdict|option)\W*)?(a|b|tie)(?=\W*$|\s*[.,:;!)*\]\n]|\s+(?:is|wins)\b)",
+                      re.IGNORECASE)
 _NAMED = re.compile(r"\banswer\s+(a|b)\b", re.IGNORECASE)
 
 
@@ -130,10 +133,12 @@ def parse_verdict(text: str | None) -> str | None:
     """
     if not text:
         return None
+    named = {m.lower() for m in _NAMED.findall(text)}
+    if len(named) == 2:
+        return None  # names both: no verdict to read
     if match := _VERDICT.match(text.strip()):
         word = match.group(1).lower()
         return "tie" if word == "tie" else word.upper()
-    named = {m.lower() for m in _NAMED.findall(text)}
     if len(named) == 1:
         return named.pop().upper()
     if re.search(r"\b(tie|equally good|both equally)\b", text, re.IGNORECASE) and not named:
