@@ -29,6 +29,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 32
+# transformers resolves its lazy attributes and model classes on first use; two threads doing that
+# at once can see a half-imported module (AttributeError: no attribute 'AutoModelForCausalLM').
+# Models that load together (eval's base and adapter) take turns.
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -363,7 +367,8 @@ class ModelHost:
             if name not in self._generators:
                 started = time.monotonic()
                 try:
-                    tokenizer, model, device = load_model(resolve(name, self.cache_dir))
+                    with _LOAD_LOCK:
+                        tokenizer, model, device = load_model(resolve(name, self.cache_dir))
                 except ImportError as exc:
                     raise LocalModelError(f"{MISSING_EXTRA}; missing: {exc.name}") from None
                 self._generators[name] = BatchedGenerator(tokenizer, model, device, self.max_batch)

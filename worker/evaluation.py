@@ -382,8 +382,7 @@ def validation_losses(ctx, run: EvalRun) -> dict[str, Any] | None:
     engine = ctx.engine
     job = store.get_job(engine, run.job_id)
     if job.backend == "local":
-        groups = {cell_key(item["cell"]): [item] for item in run.items if item["references"]}
-        if not groups:
+        if not any(item["references"] for item in run.items):
             return None
         sweep = store.get_sweep_by_id(engine, run.sweep_id)
         config = store.sweep_config(sweep)

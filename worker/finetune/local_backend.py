@@ -362,6 +362,7 @@ def heldout_losses(settings: FinetuneSettings, adapter: str, groups: dict[str, l
             dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
         )
         trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                 train_dataset=datasets.Dataset.from_list(records["all"]),  # required; never trained
                                  eval_dataset={name: datasets.Dataset.from_list(rows) for name, rows in records.items()})
         trainer.remove_callback(transformers.PrinterCallback)
         tuned = trainer.evaluate()
