@@ -49,6 +49,8 @@ def enqueue_eval(engine, sweep) -> EvalEnqueued:
 
     run = prepare_run(engine, sweep)
     forgotten = eval_store.forget_failed(engine, run.id)
+    if sweep.max_cost_usd is not None:
+        _open_spend_budget(engine, sweep, run)
     answers = missing_answers(engine, run)
     if answers:
         eval_store.set_state(engine, run.id, EvalState.ANSWERING)
@@ -61,6 +63,18 @@ def enqueue_eval(engine, sweep) -> EvalEnqueued:
     eval_store.set_state(engine, run.id, EvalState.JUDGING)
     send_stage(run.id, eval_verdict, verdicts, finalizer(run.id))
     return EvalEnqueued(eval_store.get_run(engine, run.id), 0, len(verdicts), not verdicts)
+
+
+def _open_spend_budget(engine, sweep, run: EvalRun) -> None:
+    """The eval spends from the sweep's capped budget: tell it what the database says was spent
+    (the sweep's rows and the eval's so far), as a resumed sweep does."""
+    from worker.context import get_context
+    from worker.spend import open_budget
+
+    spent = store.sweep_counts(engine, sweep).cost_usd or 0.0
+    spent += sum(row.cost_usd or 0.0 for row in [*eval_store.answers(engine, run.id),
+                                                 *eval_store.judgements(engine, run.id)])
+    open_budget(get_context().spend, sweep, spent)
 
 
 def progress_line(run: EvalRun, answers: int, verdicts: int) -> str:
@@ -145,6 +159,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from gridtune.localmodel import check_adapter
 
         check_adapter(local_model)
+    from worker.evaluation import prepare_run
+
+    prepare_run(engine, sweep)  # nothing to evaluate: one line before anything starts
     _check_broker(app)
     wait = args.wait or settings.embedded
     with ExitStack() as stack:

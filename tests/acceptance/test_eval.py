@@ -156,3 +156,26 @@ def test_an_interrupted_eval_resumes_and_stores_each_row_once(swept, tmp_path):
     after = {(r.item_index, r.side): r.id for r in rows(tmp_path, "SELECT id, item_index, side FROM eval_answers")}
     assert all(after[key] == row_id for key, row_id in before.items())  # kept, never written again
     assert rows(tmp_path, "SELECT finalizer_runs FROM eval_runs")[0][0] == 1
+
+
+def test_eval_runs_on_worker_processes(redis_db, postgres_db, local_api, start_workers, tmp_path):
+    """With a broker: the answers chord, the judge chord and the finalizer run on 2 worker processes
+    (PostgreSQL, the shared Redis budget); `eval --wait` follows them; every row once."""
+    from tests.acceptance.helpers import producer_env, query, worker_env
+
+    (tmp_path / "heroes.toml").write_text(CONFIG)
+    env = worker_env(redis_db, postgres_db, local_api, tmp_path / "data", GRIDTUNE_FINETUNE_POLL_SECONDS="0.2")
+    start_workers(2, env, concurrency=20)
+    done = run_producer(["sweep", "--config", "heroes.toml", "--wait", "--timeout", "300"], producer_env(env),
+                        tmp_path, timeout=330)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluated = run_producer(["eval", "heroes", "--wait", "--json", "--timeout", "300"], producer_env(env),
+                             tmp_path, timeout=330)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    summary = json.loads(evaluated.stdout)
+    assert summary["state"] == "done" and summary["judged"] == ITEMS
+    answers = query(postgres_db, "SELECT item_index, side FROM eval_answers")
+    verdicts = query(postgres_db, "SELECT item_index, position FROM eval_judgements WHERE state = 'ok'")
+    assert sorted(answers) == [(i, s) for i in range(ITEMS) for s in ("base", "tuned")]
+    assert sorted(verdicts) == [(i, p) for i in range(ITEMS) for p in ("base_first", "tuned_first")]
+    assert query(postgres_db, "SELECT finalizer_runs FROM eval_runs")[0][0] == 1

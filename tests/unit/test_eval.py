@@ -200,3 +200,28 @@ def test_metrics_per_cell_and_overall():
     assert free["win_rate"] is None and free["invalid_verdicts"] == 1 and free["checks"]["tuned"]["mentions_values"] is None
     assert summary["samples"][1]["verdicts"] == [{"order": "base_first", "winner": "base", "text": "x"},
                                                  {"order": "tuned_first", "winner": "tuned", "text": "x"}]
+
+
+def test_eval_without_a_tuned_model_or_a_held_out_set_is_one_line(tmp_path, monkeypatch, capsys):
+    from models import JobStatus
+    from producer.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/gridtune.db")
+    monkeypatch.setenv("GRIDTUNE_DATA_DIR", str(tmp_path / "data"))
+    from gridtune.settings import get_settings, reset_settings
+
+    reset_settings()
+    from worker.context import WorkerContext
+
+    ctx = WorkerContext(get_settings())
+    config = sweep_config(finetune={"backend": "none"}, dataset={"validation_fraction": 0.0, "min_examples": 2})
+    sweep, dataset_id = make_sweep(ctx, config=config)
+    assert main(["eval", sweep.name]) == 2
+    assert "has no fine-tune job yet" in capsys.readouterr().err
+    # A tuned model, but nothing held out and no free inputs: nothing to evaluate.
+    job = store.create_job(ctx.engine, sweep.id, dataset_id, "openai", "gpt-4o-mini-2024-07-18")
+    store.set_status(ctx.engine, job.id, JobStatus.SUCCEEDED, fine_tuned_model="ft:gpt-4o-mini-2024-07-18:x:y:z")
+    assert main(["eval", sweep.name]) == 2
+    err = capsys.readouterr().err
+    assert "has nothing to evaluate: add an [eval] section" in err and err.count("\n") == 1
+    assert main(["eval", "nope"]) == 2
