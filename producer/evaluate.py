@@ -134,14 +134,11 @@ def describe(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_report(engine, name: str) -> str | None:
-    """The HTML report (producer/report.py, issue 9's report part) when it is installed; its path."""
-    try:
-        from producer import report
-    except ImportError:
-        return None
-    write = getattr(report, "write_report", None)
-    return str(write(engine, name)) if write else None
+def _write_report(engine, name: str) -> str:
+    """The HTML report (producer/report.py) with this evaluation in it; its absolute path."""
+    from producer.report import write_report
+
+    return str(write_report(engine, name).resolve())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -123,6 +123,11 @@ def test_eval_on_the_simulated_server(swept, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "sent 0 answers, 0 verdicts" in again.stderr
     assert "win rate" in again.stdout
+    # The HTML report (producer/report.py) is written with the evaluation in it.
+    report = tmp_path / "gridtune-data" / "heroes" / "report.html"
+    assert f"report: {report}" in again.stdout
+    page = report.read_text(encoding="utf-8")
+    assert "no evaluation yet" not in page and "18, man, can eat a lot" in page
     assert rows(tmp_path, "SELECT finalizer_runs FROM eval_runs")[0][0] == 1
 
 
