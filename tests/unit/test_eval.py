@@ -57,10 +57,11 @@ def test_no_eval_section_holds_nothing_out_and_keeps_the_fingerprint():
     # Sweeps stored before [eval] existed resume under the same fingerprint.
     import hashlib
 
-    from gridtune.sweep import RUN_OPTIONS
+    from gridtune.sweep import REPORT_OPTIONS, RUN_OPTIONS
 
     body = {k: v for k, v in plain.snapshot().items() if k not in ("name", "eval")}
     body["model"] = {k: v for k, v in body["model"].items() if k not in RUN_OPTIONS}
+    body["dataset"] = {k: v for k, v in body["dataset"].items() if k not in REPORT_OPTIONS}
 
     assert plain.fingerprint == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     assert config_with("holdout_repeats = 1").fingerprint != plain.fingerprint
