@@ -48,6 +48,11 @@ def after_sweep(engine: Engine, name: str, asked: bool = False) -> list[str]:
     if job is not None and job.status == JobStatus.SUCCEEDED:
         if not asked:
             lines.append(f"  next      python -m producer ask {quoted} {shlex.quote(example_input(config))}")
+        lines.append(f"  did it help?  python -m producer eval {quoted}   (tuned vs base per grid cell, HTML report)")
+    elif job is not None and job.status == JobStatus.UNAVAILABLE:
+        # Expected, not a fault: the provider no longer fine-tunes for this organization.
+        lines.append(f"  next      python -m producer export {quoted} --training-set train.jsonl   "
+                     '(or train here: [finetune] backend = "local")')
     elif job is not None and job.status in JobStatus.FINAL and job.status != JobStatus.SKIPPED:
         lines.append(f"  next      fix the cause above, then: python -m producer finetune {quoted}")
     elif job is not None and job.status not in JobStatus.FINAL:

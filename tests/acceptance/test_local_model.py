@@ -75,6 +75,7 @@ def test_local_model_sweep_finetune_and_ask(tmp_path):
     # The summary asked the tuned model the config's example, through the API.
     assert "the tuned model, asked '18, can eat a lot':" in done.stdout
     assert "python -m producer ask tiny-local '18, can eat a lot'" in done.stdout
+    assert "python -m producer eval tiny-local" in done.stdout  # the way to learn whether it helped
 
     asked = run_producer(["ask", "tiny-local", "40, flight"], env, tmp_path, timeout=300)
     assert asked.returncode == 0, asked.stderr

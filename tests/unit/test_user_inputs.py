@@ -103,6 +103,7 @@ def test_a_provider_that_refuses_fine_tuning_is_an_expected_outcome(tmp_path):
                                              GRIDTUNE_DATA_DIR=str(tmp_path / "data")))
     assert "unavailable" in swept.stdout, swept.stdout + swept.stderr
     assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert "next      python -m producer export ft --training-set train.jsonl" in swept.stdout
 
 
 # --- 8. every environment variable checked at start-up -------------------------------------------
