@@ -5,18 +5,11 @@ store("cool_until", cool_until)
 
 -- A 429 while the provider's own headers say more than our burst is left: it enforces over a
 -- shorter period than it reports (e.g. R/60 per second). Headroom is off for this budget from now
--- on. What the probe spent above the rate is forgotten (such a provider does not remember it past
--- its period): the schedules wait no longer than the pause, then go on as before any headroom.
+-- on.
 local function room(dim, limit)
   local left = redis.call("HGET", budget, dim .. "_left")
   if not left or not limit then return nil end
   return tonumber(left) * interval_us(limit) >= nominal_span_us(limit)
-end
-
-local function forget_probe(dim, limit)
-  if limit and stored(dim .. "_tat") > cool_until + tolerance_us(dim, limit) then
-    store(dim .. "_tat", cool_until + tolerance_us(dim, limit))
-  end
 end
 
 if headroom_allowed and not quantized then
@@ -25,9 +18,16 @@ if headroom_allowed and not quantized then
     redis.call("HSET", budget, "quantized", "1")
     redis.call("HDEL", budget, "req_head", "tok_head", "req_seen", "tok_seen", "head_at")
     quantized = true
-    forget_probe("req", rpm)
-    forget_probe("tok", tpm)
   end
+end
+
+-- A quantized budget restarts at the pause's end at the rate, without a burst: a burst there would
+-- land in one period with the paced requests and be refused again. What it spent before (the
+-- probe's too) is forgotten: such a provider does not remember past its period. A token bucket's
+-- budget keeps its schedule: the bucket refills during the pause as the schedule does.
+if quantized then
+  if rpm then store("req_tat", cool_until + tolerance_us("req", rpm)) end
+  if tpm then store("tok_tat", cool_until + tolerance_us("tok", tpm)) end
 end
 keep_alive()
 return 0
