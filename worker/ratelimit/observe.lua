@@ -19,7 +19,8 @@ end
 
 -- Headroom: `remaining` is evidence of what the provider would take at once. While it stays above
 -- our own burst and no 429 has said otherwise, the burst we allow grows (doubling each second,
--- at least 2 s of the rate per second) up to the most the provider ever reported: a token bucket
+-- at least 2 s of the rate per second, at most one request per response) up to the most the
+-- provider ever reported: a token bucket
 -- never holds less than it reported, and our schedule counts every request we sent, in flight or
 -- not, so the provider's bucket is never emptier than ours.
 local HEAD_GROWTH_MIN = 2
@@ -38,7 +39,10 @@ local function probe(dim, limit, remaining)
   local last = redis.call("HGET", budget, "head_at")
   if last and left * interval_us(limit) >= nominal_span_us(limit) then
     local elapsed = math.max(0, now - tonumber(last))
-    head = head + elapsed * math.max(HEAD_GROWTH_MIN, head / 1000000)
+    -- At most one request's worth per response: extra requests go out one by one, so the first
+    -- 429 of a provider that enforces a shorter period comes back before many follow it.
+    local step = rpm and interval_us(rpm) or math.huge
+    head = head + math.min(step, elapsed * math.max(HEAD_GROWTH_MIN, head / 1000000))
   end
   -- floor: the headroom never exceeds what the provider reported
   redis.call("HSET", budget, dim .. "_head", string.format("%.0f", math.floor(math.min(head, cap * interval_us(limit)))))
