@@ -150,10 +150,10 @@ def test_headroom_on_real_redis_decides_exactly_as_fakeredis(namespace, model):
         limiter = RateLimiter(client, namespace=namespace, burst_seconds=0.5, fallback=Limits(), clock=clock.seconds)
         limiter.configure(KEY, Limits(rpm=300))
         server = ServerBudget(rpm=300, tpm=None, burst_seconds=1.0, model=model)
-        runs.append((simulate(limiter, server, clock, requests=450, concurrency=6, latency=0.2),
+        runs.append((simulate(limiter, server, clock, requests=600, concurrency=6, latency=0.2),
                      limiter.quantized(KEY)))
     assert runs[0] == runs[1]
     run, quantized = runs[0]
-    # The token bucket's minute is spent early (ideal 30.2 s); the per-second server is detected.
+    # The token bucket's minute is spent early (ideal 60.2 s); the per-second server is detected.
     assert quantized == (model == "per-second")
-    assert run.seconds <= (1.05 * 30.2 if model == "token-bucket" else 1.05 * 90)
+    assert run.seconds <= (1.05 * 60.2 if model == "token-bucket" else 1.05 * 120)
