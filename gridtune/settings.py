@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_in_flight: int | None = Field(None, ge=1, validation_alias=_env("GRIDTUNE_MAX_IN_FLIGHT"))
     adaptive_in_flight: bool = Field(True, validation_alias=_env("GRIDTUNE_ADAPTIVE_IN_FLIGHT"))
     latency_tolerance: float = Field(1.3, gt=1, validation_alias=_env("GRIDTUNE_LATENCY_TOLERANCE"))
+    # Spend the room a provider reports (`x-ratelimit-remaining-*`, e.g. a token bucket that holds a
+    # minute) faster than the rate; off = always pace at the rate with `burst_seconds` of burst.
+    headroom: bool = Field(True, validation_alias=_env("GRIDTUNE_HEADROOM"))
     max_attempts: int = Field(8, ge=1, validation_alias=_env("GRIDTUNE_MAX_ATTEMPTS"))
     # Waits up to this long are slept inside the task; longer ones give the worker slot back
     # (task retry with a countdown).

@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 
+from .budget import LIMIT_MODELS
 from .config import FAULT_KINDS, FINETUNE_OUTCOMES, ServerConfig
 from .server import LocalAPIServer
 
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--overload-capacity", type=int, default=DEFAULTS.overload_capacity,
         help="overload mode: this many requests take --latency-ms at once; more share the server and all "
              "slow down (latency grows with concurrency, nothing is refused)")
+    add(
+        "--limit-model",
+        choices=LIMIT_MODELS,
+        default=DEFAULTS.limit_model,
+        help="window: a burst_seconds bucket and a sliding minute (default); token-bucket: a minute's "
+        "bucket, full at start, refilled continuously; per-second: limit/60 per second, 429s without retry-after",
+    )
     add("--fault-rate", type=float, default=DEFAULTS.fault_rate, help="chance that a chat completion fails")
     add(
         "--faults",

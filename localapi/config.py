@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .budget import LIMIT_MODELS
+
 FAULT_KINDS = ("500", "timeout", "drop", "malformed", "429")
 FINETUNE_OUTCOMES = ("succeed", "fail", "forbidden")
 # Changing these would need a new listening socket, so they are fixed once the server runs.
@@ -25,6 +27,8 @@ class ServerConfig:
     tpm: int | None = None
     # Limits are enforced over short periods too: a bucket holding this many seconds of the limit.
     burst_seconds: float = 1.0
+    # How the limits are enforced: "window", "token-bucket" or "per-second" (localapi/budget.py).
+    limit_model: str = "window"
     fault_rate: float = 0.0
     faults: tuple[str, ...] = FAULT_KINDS
     hang_seconds: float = 30
@@ -78,6 +82,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be between 0 and 1")
         if self.batch_seconds < 0:
             raise ValueError("batch_seconds must not be negative")
+        if self.limit_model not in LIMIT_MODELS:
+            raise ValueError(f"limit_model must be one of {', '.join(LIMIT_MODELS)}")
         if self.burst_seconds <= 0:
             raise ValueError("burst_seconds must be positive")
 

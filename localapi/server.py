@@ -67,7 +67,7 @@ class LocalAPIServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.stats = ServerStats()
-        self.limiter = RateLimiter(config.rpm, config.tpm, config.burst_seconds)
+        self.limiter = RateLimiter(config.rpm, config.tpm, config.burst_seconds, config.limit_model)
         self.files = FileStore()
         self.fine_tuning = FineTuning(self.files, lambda: self.config)
         # Real models (an alias like smollm2-135m, a model folder, a LoRA adapter folder).
@@ -108,8 +108,10 @@ class LocalAPIServer:
         """Change settings live (ValueError for bad ones); a new budget starts when the limits change."""
         config = self.config.updated(fields)
         old = self.config
-        if (config.rpm, config.tpm, config.burst_seconds) != (old.rpm, old.tpm, old.burst_seconds):
-            self.limiter = RateLimiter(config.rpm, config.tpm, config.burst_seconds)
+        if (config.rpm, config.tpm, config.burst_seconds, config.limit_model) != (
+            old.rpm, old.tpm, old.burst_seconds, old.limit_model
+        ):
+            self.limiter = RateLimiter(config.rpm, config.tpm, config.burst_seconds, config.limit_model)
         if config.seed != old.seed:
             self._fault_rng = random.Random(config.seed)
         self.config = config
@@ -118,7 +120,7 @@ class LocalAPIServer:
     def reset(self) -> None:
         """Fresh statistics and budgets, e.g. between two benchmark runs."""
         self.stats.reset()
-        self.limiter = RateLimiter(self.config.rpm, self.config.tpm, self.config.burst_seconds)
+        self.limiter = RateLimiter(self.config.rpm, self.config.tpm, self.config.burst_seconds, self.config.limit_model)
         if self.overload is not None:
             self.overload.max_in_flight = self.overload.in_flight
 
@@ -221,7 +223,8 @@ class LocalAPIServer:
             if refusal is not None:
                 stats.rate_limited += 1
                 # Waiting cannot help a request that is larger than the limit itself.
-                retry_in = None if refusal.too_large else refusal.wait_seconds
+                # and a per-second server does not say when to retry.
+                retry_in = None if refusal.too_large or not refusal.says_when else refusal.wait_seconds
                 return self._too_many_requests(refusal.message(chat.model), refusal.kind, retry_in, headers)
         stats.record_accepted(now, charged_tokens, chat.prompt_tokens, reply.completion_tokens)
 

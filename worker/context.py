@@ -62,7 +62,8 @@ class WorkerContext:
     def limiter(self) -> RateLimiter:
         # Unknown limits = no limit until the first x-ratelimit-* headers teach them (servers
         # that send none, like many self-hosted ones, are then never throttled by us).
-        return RateLimiter(self.redis, burst_seconds=self.settings.burst_seconds, fallback=Limits())
+        return RateLimiter(self.redis, burst_seconds=self.settings.burst_seconds, fallback=Limits(),
+                           headroom=self.settings.headroom)
 
     @cached_property
     def in_flight_limiter(self) -> InFlightLimiter:

@@ -136,3 +136,24 @@ def test_cool_down_on_the_redis_clock_is_seen_by_another_client(namespace):
     assert 29 < second.reserve(KEY, 1) <= 30
     first.cool_down(KEY, 1)
     assert 29 < second.reserve(KEY, 1) <= 30
+
+
+@pytest.mark.parametrize("model", ["token-bucket", "per-second"])
+def test_headroom_on_real_redis_decides_exactly_as_fakeredis(namespace, model):
+    from localapi.budget import RateLimiter as ServerBudget
+    from tests.unit.test_ratelimit import SimClock
+    from tests.unit.test_ratelimit_headroom import simulate
+
+    runs = []
+    for client in (connect(), fakeredis.FakeRedis()):
+        clock = SimClock()
+        limiter = RateLimiter(client, namespace=namespace, burst_seconds=0.5, fallback=Limits(), clock=clock.seconds)
+        limiter.configure(KEY, Limits(rpm=300))
+        server = ServerBudget(rpm=300, tpm=None, burst_seconds=1.0, model=model)
+        runs.append((simulate(limiter, server, clock, requests=600, concurrency=6, latency=0.2),
+                     limiter.quantized(KEY)))
+    assert runs[0] == runs[1]
+    run, quantized = runs[0]
+    # The token bucket's minute is spent early (ideal 60.2 s); the per-second server is detected.
+    assert quantized == (model == "per-second")
+    assert run.seconds <= (1.05 * 60.2 if model == "token-bucket" else 1.05 * 120)

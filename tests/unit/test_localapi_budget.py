@@ -96,3 +96,68 @@ def test_key_phrases_keep_content_words_in_order():
     )
     assert key_phrases(prompt) == ["40-year-old woman fictional character", "superpower of healing"]
     assert key_phrases("18, man, can eat a lot") == ["18", "man", "eat a lot"]
+
+
+# --- the provider models a client must adapt to (issue 14): token bucket and per-second --------
+
+
+def test_token_bucket_starts_full_with_a_minute_and_refills_continuously():
+    limiter = RateLimiter(rpm=600, tpm=None, burst_seconds=1.0, model="token-bucket")  # 10 per second
+    assert limiter.headers("k", 0.0)["x-ratelimit-remaining-requests"] == "600"
+    accepted = sum(limiter.try_spend("k", 0, now=0.0) is None for _ in range(700))
+    assert accepted == 600  # an idle key spends a whole minute at once
+    refusal = limiter.try_spend("k", 0, now=0.0)
+    assert refusal.wait_seconds == pytest.approx(0.1)
+    assert "try again in 100ms" in refusal.message("m")
+    headers = limiter.headers("k", 0.35)
+    assert headers["x-ratelimit-remaining-requests"] == "3"  # 0.35 s of refill: 3.5, whole ones reported
+    assert headers["x-ratelimit-reset-requests"] == "59.65s"  # until full again
+    assert sum(limiter.try_spend("k", 0, now=0.35) is None for _ in range(10)) == 3
+    # Never more than a full bucket, however long it idles.
+    assert limiter.headers("k", 10_000.0)["x-ratelimit-remaining-requests"] == "600"
+
+
+def test_per_second_server_admits_a_sixtieth_per_calendar_second_and_says_nothing_about_when():
+    limiter = RateLimiter(rpm=3000, tpm=None, burst_seconds=1.0, model="per-second")  # 50 per second
+    accepted = [limiter.try_spend("k", 0, now=10.2) is None for _ in range(60)]
+    assert accepted == [True] * 50 + [False] * 10
+    refusal = limiter.try_spend("k", 0, now=10.9)
+    assert not refusal.says_when and "try again" not in refusal.message("m")
+    # The headers report the minute, so they show room the second does not have.
+    assert limiter.headers("k", 10.9)["x-ratelimit-remaining-requests"] == "2950"
+    assert limiter.try_spend("k", 0, now=11.0) is None  # a new second
+    assert limiter.headers("k", 70.3)["x-ratelimit-remaining-requests"] == "2999"  # the first 50 expired
+
+
+def test_an_unknown_limit_model_is_refused():
+    with pytest.raises(ValueError, match="limit model"):
+        RateLimiter(rpm=60, tpm=None, burst_seconds=1.0, model="leaky")
+
+
+def test_the_server_answers_a_per_second_refusal_without_retry_after():
+    import openai
+
+    import localapi
+    from tests.unit.test_localapi import ask, sdk
+
+    with localapi.running(rpm=60, limit_model="per-second") as server:  # 1 per second
+        client = sdk(server)
+        ask(client, content="hi")
+        with pytest.raises(openai.RateLimitError) as refused:
+            ask(client, content="hi")
+    headers = refused.value.response.headers
+    assert "retry-after" not in headers and "retry-after-ms" not in headers
+    assert "try again" not in refused.value.message
+    assert headers["x-ratelimit-remaining-requests"] == "59"
+
+
+def test_the_limit_model_is_a_flag_and_a_live_setting():
+    from localapi.__main__ import build_parser
+    from localapi.config import ServerConfig
+
+    args = build_parser().parse_args(["--rpm", "3000", "--limit-model", "token-bucket"])
+    assert ServerConfig(**vars(args)).limit_model == "token-bucket"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--limit-model", "leaky"])
+    with pytest.raises(ValueError, match="limit_model"):
+        ServerConfig(limit_model="leaky")

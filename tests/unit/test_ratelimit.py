@@ -361,8 +361,9 @@ class SlidingWindowProvider:
 
 def test_observing_a_full_window_while_pacing_at_the_limit_keeps_full_speed(make_limiter, clock):
     # At exactly the limit a sliding-window provider reports about 0 remaining: that is our own
-    # last minute, not a backlog to wait out.
-    limiter = make_limiter(fallback=Limits(rpm=None, tpm=None))
+    # last minute, not a backlog to wait out. Headroom off: such a provider's `remaining` is not
+    # a bucket that refills continuously (GRIDTUNE_HEADROOM=0 is the setting for it).
+    limiter = make_limiter(fallback=Limits(rpm=None, tpm=None), headroom=False)
     provider = SlidingWindowProvider(600, clock)
     limiter.observe(KEY, provider.headers())
     start = clock.us

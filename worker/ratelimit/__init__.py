@@ -19,6 +19,13 @@ The algorithm (GCRA, in the `.lua` files next to this module) guarantees, per bu
 60 s window at most rpm + burst requests and tpm + burst + one request's tokens, where burst is
 `burst_seconds` worth of the rate (at least one unit). A new budget offers one burst, not a minute.
 
+Headroom (`headroom=True`, the default): the burst grows with the evidence of
+`x-ratelimit-remaining-*` (doubling each second while the provider reports more than our burst
+left), up to the most it ever reported, so a token bucket that holds a minute is spent early; the
+bound above is then rpm + that much. A 429 while the latest headers reported room marks the
+budget quantized (`quantized(key)`, shared in Redis): back to `burst_seconds`, for good. After
+every cool-down the schedules resume at the rate, without a fresh burst.
+
 `observe` reads `x-ratelimit-limit-*` (the learnt limits) and `x-ratelimit-remaining-*`: when
 fewer remain than the burst our schedule would allow now, only those are admitted. The
 `x-ratelimit-reset-*` headers add nothing to that (reset = what is used / the rate), and reading

@@ -1,4 +1,4 @@
-"""The shared rate budget: a Redis-backed GCRA limiter and a no-op stand-in."""
+"""The shared rate budget: a Redis-backed GCRA limiter (headroom-aware) and a no-op stand-in."""
 
 from __future__ import annotations
 
@@ -96,8 +96,10 @@ class RateLimiter(Limiter):
     """A budget shared by every process that uses the same Redis and namespace.
 
     GCRA in Lua: each budget keeps a request schedule and a token schedule, checked and advanced
-    together in one script. `burst_seconds` of the rate may be taken at once. `clock` (seconds) is
-    for tests only: by default every host uses the Redis server's clock.
+    together in one script. `burst_seconds` of the rate may be taken at once, more with `headroom`
+    where the provider's `x-ratelimit-remaining-*` shows room (token buckets holding a minute); a
+    429 while it showed room marks the budget quantized and headroom stays off for it (`quantized`).
+    `clock` (seconds) is for tests only: by default every host uses the Redis server's clock.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class RateLimiter(Limiter):
         fallback: Limits = Limits(rpm=60, tpm=60_000),
         idle_expiry: float = IDLE_EXPIRY_SECONDS,
         clock: Callable[[], float] | None = None,
+        headroom: bool = True,
     ):
         if not burst_seconds > 0 or not idle_expiry > 0:
             raise ValueError("burst_seconds and idle_expiry must be positive")
@@ -118,6 +121,7 @@ class RateLimiter(Limiter):
         self._fallback = fallback
         self._idle_expiry_ms = math.ceil(idle_expiry * 1000)
         self._clock = clock
+        self._headroom = headroom
         # Configured limits come from each process's own config/env, so they live in the process.
         self._configured: dict[str, Limits] = {}
         self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
@@ -163,6 +167,20 @@ class RateLimiter(Limiter):
             tpm=in_force(configured.tpm, learnt_tpm, self._fallback.tpm),
         )
 
+    def quantized(self, key: str) -> bool:
+        """True once a 429 came while the provider reported room: `key` is paced at the nominal
+        rate and burst from then on (until the budget expires)."""
+        return self._client.hget(self.redis_key(key), "quantized") in (b"1", "1")
+
+    def burst(self, key: str) -> float:
+        """Seconds of the request rate `key` may spend at once now: `burst_seconds`, or the
+        headroom learnt from the provider's `remaining` (up to 60)."""
+        head = self._client.hget(self.redis_key(key), "req_head")
+        nominal = self._burst_us / 1_000_000
+        if not self._headroom or head is None or self.quantized(key):
+            return nominal
+        return max(nominal, int(head) / 1_000_000)
+
     def learnt(self, key_prefix: str) -> Limits:
         """The highest limits learnt by any budget whose key starts with `key_prefix` (e.g. a model
         name and ":"), for callers that do not hold the API key that names the budget."""
@@ -185,6 +203,7 @@ class RateLimiter(Limiter):
             _optional(self._fallback.rpm),
             _optional(self._fallback.tpm),
             self._burst_us,
+            "1" if self._headroom else "0",
         )
         return int(self._scripts[script](keys=[self.redis_key(key)], args=[*common, *args]))
 

@@ -1,12 +1,12 @@
--- ARGV[8]: tokens. Takes one request and the tokens only if both schedules and the cool-down
+-- ARGV[9]: tokens. Takes one request and the tokens only if both schedules and the cool-down
 -- allow; otherwise takes nothing. Returns 0 (granted) or the microseconds to wait.
-local tokens = tonumber(ARGV[8])
+local tokens = tonumber(ARGV[9])
 local req_tat = math.max(stored("req_tat"), now)
 local tok_tat = math.max(stored("tok_tat"), now)
 
 local wait = stored("cool_until") - now
-if rpm then wait = math.max(wait, req_tat - tolerance_us(rpm) - now) end
-if tpm then wait = math.max(wait, tok_tat - tolerance_us(tpm) - now) end
+if rpm then wait = math.max(wait, req_tat - tolerance_us("req", rpm) - now) end
+if tpm then wait = math.max(wait, tok_tat - tolerance_us("tok", tpm) - now) end
 if wait > 0 then
   return math.ceil(wait)
 end

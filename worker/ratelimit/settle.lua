@@ -1,6 +1,6 @@
--- ARGV[8]: actual minus reserved tokens, charged to or refunded from the token schedule.
+-- ARGV[9]: actual minus reserved tokens, charged to or refunded from the token schedule.
 -- A refund reaching back before now is harmless: reserve() never schedules before now.
-local extra = tonumber(ARGV[8])
+local extra = tonumber(ARGV[9])
 if not tpm then
   return 0
 end
