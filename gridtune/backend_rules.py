@@ -8,6 +8,8 @@ count, longest example, file size). Each returns one line per problem; an empty 
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,13 +74,24 @@ def grid_problems(config: SweepConfig) -> list[str]:
     if config.finetune.backend == "none" and config.dataset.min_examples <= 1:
         return []
     needed = min_usable_examples(config)
-    if config.combinations >= needed:
+    trainable = trainable_combinations(config)
+    if trainable >= needed:
         return []
     why = ("dataset.min_examples" if needed == config.dataset.min_examples
            else f"the {config.finetune.backend} backend's minimum")
-    return [f"the grid has {config.combinations} combinations, fewer than the {needed} usable examples needed "
+    held = "" if trainable == config.combinations else f" outside [eval] holdout_cells (of {config.combinations})"
+    return [f"the grid has {trainable} combinations{held}, fewer than the {needed} usable examples needed "
             f"({why}); repeats of a combination may all come back identical and be dropped as duplicates: "
             "add dimension values"]
+
+
+def trainable_combinations(config: SweepConfig) -> int:
+    """Combinations whose rows may enter training: [eval] holdout_cells' values never do."""
+    held = config.eval.holdout_cells if config.eval is not None else {}
+    return math.prod(
+        sum(1 for v in values if json.dumps(v) not in {json.dumps(h) for h in held.get(name, [])})
+        for name, values in config.dimensions.items()
+    )
 
 
 def dataset_problems(config: SweepConfig, token_counts: list[int], files: list[str | Path]) -> list[str]:

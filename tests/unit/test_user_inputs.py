@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import localapi
+from gridtune.backend_rules import grid_problems
 from gridtune.errors import ConfigError
 from gridtune.sweep import load_config, parse_config
 from tests.scripted import Reply, ScriptedServer, completion
@@ -57,6 +58,18 @@ def test_a_grid_with_fewer_combinations_than_usable_examples_is_refused_before_a
     code, err = cli(["sweep", "--config", config], tmp_path, DATABASE_URL=f"sqlite:///{tmp_path}/g.db")
     assert code == 2 and "the grid has 4 combinations, fewer than the 10 usable examples needed" in error_line(err)
     assert not (tmp_path / "g.db").exists()
+
+
+def test_held_out_cells_do_not_count_towards_the_training_minimum():
+    # 3 x 4 = 12 combinations, enough for 10; holding out one age for evaluation leaves 2 x 4 = 8.
+    text = (GOOD.replace("age = [18, 30]", "age = [18, 30, 40]")
+            .replace('gender = ["man", "woman"]', 'gender = ["man", "woman", "girl", "boy"]')
+            .replace("repeats = 1", "repeats = 2").replace("min_examples = 4", "min_examples = 10")
+            + "[eval]\nholdout_cells = { age = [40] }\n")
+    assert grid_problems(parse_config(text.replace("holdout_cells = { age = [40] }", ""))) == []
+    problems = grid_problems(parse_config(text))
+    assert problems and problems[0].startswith(
+        "the grid has 8 combinations outside [eval] holdout_cells (of 12), fewer than the 10 usable examples needed")
 
 
 @pytest.mark.parametrize(("section", "expected"), [
