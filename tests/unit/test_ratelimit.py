@@ -421,6 +421,20 @@ def test_no_headers_no_state(make_limiter, server):
     assert state(server, limiter) == {}
 
 
+def test_a_response_without_rate_headers_costs_no_round_trip(make_limiter, monkeypatch):
+    # A local or self-hosted server sends no x-ratelimit headers: observe must not call Redis
+    # (one script call per row at hundreds of rows per second), and a metered one still does.
+    limiter = make_limiter()
+    calls = []
+    run = limiter._run
+    monkeypatch.setattr(limiter, "_run", lambda script, *args: calls.append(script) or run(script, *args))
+    limiter.observe(KEY, {"content-type": "application/json", "x-request-id": "abc"})
+    assert calls == []
+    limiter.observe(KEY, {"x-ratelimit-limit-requests": "500"})
+    assert calls == ["observe"]
+    assert limiter.limits(KEY).rpm == 500
+
+
 # --- expiry ------------------------------------------------------------------------------------
 
 

@@ -146,7 +146,11 @@ class RateLimiter(Limiter):
 
     def observe(self, key: str, headers: Mapping[str, str]) -> None:
         named = {name.lower(): value for name, value in headers.items()}
-        self._run("observe", key, *_header_args(named, "requests"), *_header_args(named, "tokens"))
+        args = (*_header_args(named, "requests"), *_header_args(named, "tokens"))
+        # No readable x-ratelimit header (local servers, most self-hosted ones): nothing to learn,
+        # so no round trip (the script would only refresh the key's expiry, as reserve does).
+        if any(arg != "" for arg in args):
+            self._run("observe", key, *args)
 
     def cool_down(self, key: str, seconds: float) -> None:
         if not (math.isfinite(seconds) and seconds >= 0):
