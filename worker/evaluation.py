@@ -31,7 +31,7 @@ from models import eval_store
 from models.schema import EvalRun, EvalState, Sweep, utcnow
 from worker import llm
 from worker.dataset import incomplete_reason, prompt_messages
-from worker.generation import _bookkeeping, _give_slot_back, _take_slot, read_completion
+from worker.generation import _bookkeeping, read_completion, send_once
 from worker.spend import RequestSpend, budget_key as spend_budget_key
 from worker.tokens import count_messages, encoding_name
 
@@ -217,23 +217,8 @@ def call_model(ctx, sweep: Sweep, config: SweepConfig, params: dict[str, Any], a
             ctx.limiter.settle(key, reserved, 0)
             return Call(failure=llm.Failure("spend_cap", f"not sent: {cap_reached}", retryable=False),
                         attempts=attempts)
-        slot = _take_slot(ctx, key, config)  # the endpoint's shared in-flight limit, as for a sweep
         attempts += 1
-        began = time.monotonic()
-        latency = headers = None
-        try:
-            raw = client.chat.completions.with_raw_response.create(**params)
-            latency, headers = time.monotonic() - began, raw.headers
-            _bookkeeping(ctx.limiter.observe, key, raw.headers)
-            body = json.loads(raw.content)
-            failure = llm.completion_problem(body, raw.headers)
-        except Exception as exc:  # noqa: BLE001 - every failure is classified
-            response = getattr(exc, "response", None)
-            if response is not None:
-                headers = response.headers
-                ctx.limiter.observe(key, response.headers)
-            failure = llm.classify(exc)
-        _bookkeeping(_give_slot_back, ctx, slot, config, latency, failure, headers)
+        body, failure = send_once(ctx, client, key, config, params)  # the sweep's call path, in-flight slot included
         if failure is None:
             answer = read_completion(body)
             if answer.total_tokens is not None:

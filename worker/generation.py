@@ -131,6 +131,31 @@ def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: 
                      error=llm.redact(f"{exc.__class__.__name__}: {exc}", ctx.settings)[:2000]))
 
 
+def send_once(ctx: WorkerContext, client, key: str, config: SweepConfig,
+              params: dict[str, Any]) -> tuple[dict[str, Any] | None, llm.Failure | None]:
+    """One chat completion inside the endpoint's shared in-flight slot: (parsed body, None) or
+    (None or the body, the classified failure). The rate budget `key` learns from the answer's
+    headers; the slot learns its latency. Never raises for API trouble: sweeps and evals share it."""
+    slot = _take_slot(ctx, key, config)
+    began = time.monotonic()
+    body = latency = headers = None
+    try:
+        raw = llm.post_chat_completion(client, params)
+        latency, headers = time.monotonic() - began, raw.headers
+        _bookkeeping(ctx.limiter.observe, key, raw.headers)
+        body = json.loads(raw.content)  # not JSON: ValueError, classified as malformed below
+        # A 2xx is not always a completion: some gateways answer 200 {"error": {...}}.
+        failure = llm.completion_problem(body, raw.headers)
+    except Exception as exc:  # noqa: BLE001 - every failure is classified
+        response = getattr(exc, "response", None)
+        if response is not None:
+            headers = response.headers
+            ctx.limiter.observe(key, response.headers)
+        failure = llm.classify(exc)
+    _bookkeeping(_give_slot_back, ctx, slot, config, latency, failure, headers)
+    return body, failure
+
+
 def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0, rate_limited: int = 0) -> Outcome:
     """Generate and store request `index` of sweep `sweep_id` (see the module docstring)."""
     engine, settings = ctx.engine, ctx.settings
@@ -176,24 +201,9 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
                 log.warning("sweep %s stopped: %s", sweep.name, cap_reached)
             return fail("spend_cap", f"not sent: {cap_reached}")
 
-        slot = _take_slot(ctx, key, config)
         attempts += 1
         began = time.monotonic()
-        body = latency = headers = None
-        try:
-            raw = llm.post_chat_completion(client, params)
-            latency, headers = time.monotonic() - began, raw.headers
-            _bookkeeping(ctx.limiter.observe, key, raw.headers)
-            body = json.loads(raw.content)  # not JSON: ValueError, classified as malformed below
-            # A 2xx is not always a completion: some gateways answer 200 {"error": {...}}.
-            failure = llm.completion_problem(body, raw.headers)
-        except Exception as exc:  # noqa: BLE001 - every failure is classified below
-            response = getattr(exc, "response", None)
-            if response is not None:
-                headers = response.headers
-                ctx.limiter.observe(key, response.headers)
-            failure = llm.classify(exc)
-        _bookkeeping(_give_slot_back, ctx, slot, config, latency, failure, headers)
+        body, failure = send_once(ctx, client, key, config, params)
         if failure is not None:
             ctx.limiter.settle(key, reserved, 0)  # a refused or failed call used no tokens
             spend.release(failure.kind)
