@@ -85,17 +85,22 @@ def test_backend_rules_in_the_config_are_checked_at_load_time(section, expected)
         parse_config(text)
 
 
-def test_a_failed_fine_tune_makes_sweep_exit_non_zero(tmp_path):
+def sweep_with_openai_finetune(tmp_path, **server_options) -> subprocess.CompletedProcess:
+    """`sweep` of a 10-combination grid whose fine-tune goes to the simulated OpenAI API."""
     config = write(tmp_path, GOOD.replace("age = [18, 30]", "age = [18, 30, 40, 50, 60]")
                    .replace('backend = "none"', 'backend = "openai"')
                    .replace("min_examples = 4", "min_examples = 10\nvalidation_fraction = 0"))
-    with localapi.running(finetune_outcome="fail", finetune_step_seconds=0.05) as server:
-        swept = subprocess.run([sys.executable, "-m", "producer", "sweep", "--config", config, "--name", "ft"],
-                               cwd=tmp_path, capture_output=True, text=True, timeout=180,
-                               env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url,
-                                             GRIDTUNE_FINETUNE_POLL_SECONDS="0.1",
-                                             DATABASE_URL=f"sqlite:///{tmp_path}/g.db",
-                                             GRIDTUNE_DATA_DIR=str(tmp_path / "data")))
+    with localapi.running(**server_options) as server:
+        return subprocess.run([sys.executable, "-m", "producer", "sweep", "--config", config, "--name", "ft"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                              env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url,
+                                            GRIDTUNE_FINETUNE_POLL_SECONDS="0.1",
+                                            DATABASE_URL=f"sqlite:///{tmp_path}/g.db",
+                                            GRIDTUNE_DATA_DIR=str(tmp_path / "data")))
+
+
+def test_a_failed_fine_tune_makes_sweep_exit_non_zero(tmp_path):
+    swept = sweep_with_openai_finetune(tmp_path, finetune_outcome="fail", finetune_step_seconds=0.05)
     # The dataset was fine (10 examples), the provider's job failed: the command must say so.
     assert "sweep ft: done" in swept.stdout and "fine-tune openai failed" in swept.stdout, swept.stdout + swept.stderr
     assert swept.returncode == 1
@@ -104,16 +109,7 @@ def test_a_failed_fine_tune_makes_sweep_exit_non_zero(tmp_path):
 
 def test_a_provider_that_refuses_fine_tuning_is_an_expected_outcome(tmp_path):
     # OpenAI's 403 training_not_available (everyone from 2027-01-06): recorded, explained, exit 0.
-    config = write(tmp_path, GOOD.replace("age = [18, 30]", "age = [18, 30, 40, 50, 60]")
-                   .replace('backend = "none"', 'backend = "openai"')
-                   .replace("min_examples = 4", "min_examples = 10\nvalidation_fraction = 0"))
-    with localapi.running(finetune_outcome="forbidden") as server:
-        swept = subprocess.run([sys.executable, "-m", "producer", "sweep", "--config", config, "--name", "ft"],
-                               cwd=tmp_path, capture_output=True, text=True, timeout=180,
-                               env=clean_env(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=server.base_url,
-                                             GRIDTUNE_FINETUNE_POLL_SECONDS="0.1",
-                                             DATABASE_URL=f"sqlite:///{tmp_path}/g.db",
-                                             GRIDTUNE_DATA_DIR=str(tmp_path / "data")))
+    swept = sweep_with_openai_finetune(tmp_path, finetune_outcome="forbidden")
     assert "unavailable" in swept.stdout, swept.stdout + swept.stderr
     assert swept.returncode == 0, swept.stdout + swept.stderr
     assert "next      python -m producer export ft --training-set train.jsonl" in swept.stdout
