@@ -60,14 +60,19 @@ def _quiet(logger: str) -> Iterator[None]:
 
 
 @contextmanager
-def _embedded_runtime(local_model: str | None) -> Iterator[None]:
+def _embedded_runtime(local_model: str | None, verbose: bool = False) -> Iterator[None]:
     """Embedded mode: a local API server when there is no key (or the model is local), and an
-    in-process worker."""
+    in-process worker, whose log is silenced unless `verbose`: its warnings and errors all end in
+    rows and the summary, so logging them too would print each of them twice."""
     from worker.app import app
     from worker.embedded import in_process_worker, local_api_when_keyless
 
     purpose = "generating" if local_model else "running"
-    with local_api_when_keyless(purpose, local_model), in_process_worker(app, get_settings().embedded_concurrency):
+    with ExitStack() as stack:
+        stack.enter_context(local_api_when_keyless(purpose, local_model))
+        stack.enter_context(in_process_worker(app, get_settings().embedded_concurrency))
+        if not verbose:
+            stack.enter_context(_quiet("worker"))
         yield
 
 
@@ -182,11 +187,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     wait = args.wait or settings.embedded
     with ExitStack() as stack:
         if settings.embedded:
-            stack.enter_context(_embedded_runtime(local_model))
-            if not args.verbose:
-                # The in-process worker's warnings and errors all end in rows and the summary
-                # below; logging them too would print each of them twice.
-                stack.enter_context(_quiet("worker"))
+            stack.enter_context(_embedded_runtime(local_model, args.verbose))
         print(f"sweep {name}: {config.total_requests:,} requests "
               f"({config.combinations:,} combinations x {config.repeats} repeats)", file=sys.stderr, flush=True)
 

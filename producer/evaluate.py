@@ -142,7 +142,7 @@ def _write_report(engine, name: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from producer.cli import _check_broker, _embedded_runtime, _engine, _quiet
+    from producer.cli import _check_broker, _embedded_runtime, _engine
     from worker.app import app
     from worker.evaluation import eval_summary
     from worker.finetune.ask import finished_job
@@ -163,9 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     wait = args.wait or settings.embedded
     with ExitStack() as stack:
         if settings.embedded:
-            stack.enter_context(_embedded_runtime(local_model))
-            if not args.verbose:
-                stack.enter_context(_quiet("worker"))
+            stack.enter_context(_embedded_runtime(local_model, args.verbose))
         result = enqueue_eval(engine, sweep)
         print(f"eval of {sweep.name}: {len(result.run.items)} inputs; sent {result.answers} answers, "
               f"{result.verdicts} verdicts{' and the finalizer' if result.finalizer else ''}",
