@@ -15,13 +15,6 @@
 local budget = KEYS[1]
 local MINUTE_US = 60000000
 
-local now
-if ARGV[1] ~= "" then
-  now = tonumber(ARGV[1])
-else
-  local time = redis.call("TIME")
-  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-end
 local burst_us = tonumber(ARGV[7])
 local headroom_allowed = ARGV[8] == "1"
 

@@ -37,10 +37,11 @@ import random
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import redis
+
+from worker.ratelimit.limiter import lua_script
 
 Outcome = Literal["ok", "overload", "other"]
 IDLE_EXPIRY_SECONDS = 3600
@@ -56,13 +57,7 @@ class Lease:
     token: str | None
 
 
-def _script_text(name: str) -> str:
-    here = Path(__file__).resolve().parent
-    return ((here / "concurrency_common.lua").read_text(encoding="utf-8") + "\n"
-            + (here / f"concurrency_{name}.lua").read_text(encoding="utf-8"))
-
-
-_SCRIPTS = {name: _script_text(name) for name in ("acquire", "release")}
+_SCRIPTS = {name: lua_script("concurrency_common", f"concurrency_{name}") for name in ("acquire", "release")}
 
 
 def is_metered(headers: Mapping[str, str] | None) -> bool:

@@ -10,13 +10,6 @@
 -- script-specific arguments start at 5.
 local state, leases, waiters, samples = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
-local now
-if ARGV[1] ~= "" then
-  now = tonumber(ARGV[1])
-else
-  local time = redis.call("TIME")
-  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-end
 local cap = tonumber(ARGV[2])  -- nil when ""
 local adaptive = ARGV[3] == "1"
 local idle_ms = tonumber(ARGV[4])

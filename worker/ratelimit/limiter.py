@@ -83,13 +83,16 @@ class NullLimiter(Limiter):
         return Limits()
 
 
-def _script_text(name: str) -> str:
-    # Next to this file, however the package was imported (a namespace package has no single root).
+def lua_script(*names: str) -> str:
+    """clock.lua followed by the named Lua files of this folder (without `.lua`), as one script.
+
+    Read next to this file, however the package was imported (a namespace package has no single root).
+    """
     here = Path(__file__).resolve().parent
-    return (here / "common.lua").read_text(encoding="utf-8") + "\n" + (here / f"{name}.lua").read_text(encoding="utf-8")
+    return "\n".join((here / f"{name}.lua").read_text(encoding="utf-8") for name in ("clock", *names))
 
 
-_SCRIPTS = {name: _script_text(name) for name in ("reserve", "settle", "observe", "cool_down")}
+_SCRIPTS = {name: lua_script("common", name) for name in ("reserve", "settle", "observe", "cool_down")}
 
 
 class RateLimiter(Limiter):
