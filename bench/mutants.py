@@ -100,13 +100,9 @@ MUTANTS = [
            # after the API answered are skipped (_bookkeeping), a task rarely meets the loss in
            # reserve(): that test does not kill this mutant reliably.)
            ("tests/unit/test_generate_task.py::test_redis_unreachable_means_retry_later_never_a_failed_row",)),
-    Mutant("redis-after-answer-observe", "§4 Redis lost after the API answered: answer stored", "worker/generation.py",
-           "        _bookkeeping(ctx.limiter.observe, key, raw.headers)",
-           "        ctx.limiter.observe(key, raw.headers)",
-           ("tests/unit/test_generate_task.py::test_redis_lost_after_the_api_answered_the_answer_is_stored",)),
-    Mutant("redis-after-answer-settle", "§4 Redis lost after the API answered: answer stored", "worker/generation.py",
-           "            _bookkeeping(ctx.limiter.settle, key, reserved, answer.total_tokens)",
-           "            ctx.limiter.settle(key, reserved, answer.total_tokens)",
+    Mutant("redis-after-answer-bookkeeping", "§4 Redis lost after the API answered: answer stored", "worker/generation.py",
+           "    _bookkeeping(trip.execute)",
+           "    trip.execute()",
            ("tests/unit/test_generate_task.py::test_redis_lost_after_the_api_answered_the_answer_is_stored",)),
     Mutant("cool-down", "§5 a 429 pauses the cluster", "worker/generation.py",
            "                ctx.limiter.cool_down(key, wait)  # the whole cluster pauses, not just this task",

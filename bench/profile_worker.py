@@ -1,7 +1,7 @@
 """Profile one worker's path in-process: `run_request` serially against localapi (no limit, no
 latency) on a fresh Postgres database; counts SQL statements, pool checkouts and Redis commands per
 request (a pipeline counts once), and prints the top cProfile entries. It runs the `generate` task
-body (in_flight + run_request) without Celery: Celery's own per-task cost is not in it (see
+body (run_request with its in-flight entry) without Celery: Celery's own per-task cost is not in it (see
 `throughput.py ceiling --py-spy`).
 
     python bench/profile_worker.py [--n 300]
@@ -39,7 +39,7 @@ def main() -> None:
             from gridtune.settings import get_settings
             from gridtune.sweep import parse_config
             from models import store
-            from worker.context import get_context, in_flight
+            from worker.context import InFlightEntry, get_context
             from worker.generation import run_request
 
             ctx = get_context()
@@ -69,8 +69,9 @@ def main() -> None:
             t0 = time.perf_counter(); c0 = time.process_time()
             prof.enable()
             for i in range(1, args.n + 1):
-                with in_flight(ctx.redis, sweep.id, f"t{i}"):
-                    run_request(ctx, sweep.id, i)
+                entry = InFlightEntry(sweep.id, f"t{i}")
+                run_request(ctx, sweep.id, i, entry=entry)
+                entry.close(ctx.redis)
             prof.disable()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             n = args.n

@@ -9,9 +9,7 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
 from functools import cached_property
-from typing import Iterator
 
 import redis
 
@@ -20,6 +18,7 @@ from gridtune.sweep import SweepConfig
 from models import get_engine
 from worker.ratelimit import Limits, RateLimiter
 from worker.ratelimit.concurrency import InFlightLimiter
+from worker.ratelimit.roundtrip import RoundTrip
 from worker.ratelimit.spend import RedisSpendLimiter
 
 log = logging.getLogger(__name__)
@@ -97,22 +96,37 @@ IN_FLIGHT_KEY = "gridtune:inflight:{sweep_id}"
 IN_FLIGHT_HORIZON = 600
 
 
-@contextmanager
-def in_flight(client: redis.Redis, sweep_id: int, task_id: str) -> Iterator[None]:
-    """Count a running request for progress displays (a sorted set: a crashed worker's entries age out)."""
-    key = IN_FLIGHT_KEY.format(sweep_id=sweep_id)
-    try:
-        pipe = client.pipeline(transaction=False)  # one round trip
-        pipe.zadd(key, {task_id: time.time()})
-        pipe.expire(key, IN_FLIGHT_HORIZON)
-        pipe.execute()
-    except redis.RedisError:
-        log.debug("cannot record in-flight request", exc_info=True)
-    try:
-        yield
-    finally:
+class InFlightEntry:
+    """A running request in its sweep's in-flight set, for progress displays and the stall watchdog
+    (a sorted set by start time, so a crashed worker's entries age out).
+
+    Added and removed with the request's other Redis commands (`queue_add` / `queue_remove` on
+    its RoundTrip) rather than in round trips of their own; `close` removes an entry that is
+    still there when the task ends (an early return or an exception).
+    """
+
+    def __init__(self, sweep_id: int, task_id: str):
+        self.key = IN_FLIGHT_KEY.format(sweep_id=sweep_id)
+        self.task_id = task_id
+        self.listed = False
+
+    def queue_add(self, trip: RoundTrip) -> None:
+        if not self.listed:
+            trip.call("zadd", self.key, {self.task_id: time.time()})
+            trip.call("expire", self.key, IN_FLIGHT_HORIZON)
+            self.listed = True
+
+    def queue_remove(self, trip: RoundTrip) -> None:
+        if self.listed:
+            trip.call("zrem", self.key, self.task_id)
+            self.listed = False
+
+    def close(self, client: redis.Redis) -> None:
+        if not self.listed:
+            return
         try:
-            client.zrem(key, task_id)
+            client.zrem(self.key, self.task_id)
+            self.listed = False
         except redis.RedisError:
             log.debug("cannot clear in-flight request", exc_info=True)
 

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from sqlalchemy.exc import OperationalError, InterfaceError
@@ -21,8 +21,9 @@ from gridtune.sweep import Request, SweepConfig, request_at
 from models import RowState, SweepState, store
 from models.schema import utcnow
 from worker import health, llm
-from worker.context import WorkerContext
+from worker.context import InFlightEntry, WorkerContext
 from worker.ratelimit.concurrency import is_metered
+from worker.ratelimit.roundtrip import RoundTrip
 from worker.spend import RequestSpend
 from worker.tokens import count_messages, encoding_name
 
@@ -115,12 +116,12 @@ def _take_slot(ctx: WorkerContext, key: str, config: SweepConfig):
         time.sleep(wait)
 
 
-def _give_slot_back(ctx: WorkerContext, lease, config: SweepConfig, latency: float | None,
-                    failure: llm.Failure | None, headers) -> None:
+def _queue_give_slot_back(ctx: WorkerContext, trip: RoundTrip, lease, config: SweepConfig, latency: float | None,
+                          failure: llm.Failure | None, headers) -> None:
     """Free the slot; an answer's latency (seconds) teaches the adaptive limit, an overload sign cuts it."""
     outcome = "ok" if failure is None else "overload" if failure.overload else "other"
-    ctx.in_flight_limiter.release(lease, latency=latency if failure is None else None, outcome=outcome,
-                                  metered=is_metered(headers), cap=_in_flight_cap(ctx, config))
+    ctx.in_flight_limiter.queue_release(trip, lease, latency=latency if failure is None else None, outcome=outcome,
+                                        metered=is_metered(headers), cap=_in_flight_cap(ctx, config))
 
 
 def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: BaseException) -> None:
@@ -131,18 +132,23 @@ def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: 
                      error=llm.redact(f"{exc.__class__.__name__}: {exc}", ctx.settings)[:2000]))
 
 
-def send_once(ctx: WorkerContext, client, key: str, config: SweepConfig,
-              params: dict[str, Any]) -> tuple[dict[str, Any] | None, llm.Failure | None]:
+def send_once(ctx: WorkerContext, client, key: str, config: SweepConfig, params: dict[str, Any], *,
+              lease=None, after: Callable[[RoundTrip, dict[str, Any] | None, llm.Failure | None], None] | None = None,
+              ) -> tuple[dict[str, Any] | None, llm.Failure | None]:
     """One chat completion inside the endpoint's shared in-flight slot: (parsed body, None) or
     (None or the body, the classified failure). The rate budget `key` learns from the answer's
-    headers; the slot learns its latency. Never raises for API trouble: sweeps and evals share it."""
-    slot = _take_slot(ctx, key, config)
+    headers; the slot learns its latency. Never raises for API trouble: sweeps and evals share it.
+
+    `lease`: a slot the caller already holds (taken with its reservation); else one is waited
+    for here. `after(trip, body, failure)` queues the caller's own bookkeeping into the round trip
+    that gives the slot back, so an answer costs one Redis round trip after the call.
+    """
+    slot = lease if lease is not None else _take_slot(ctx, key, config)
     began = time.monotonic()
     body = latency = headers = None
     try:
         raw = llm.post_chat_completion(client, params)
         latency, headers = time.monotonic() - began, raw.headers
-        _bookkeeping(ctx.limiter.observe, key, raw.headers)
         body = json.loads(raw.content)  # not JSON: ValueError, classified as malformed below
         # A 2xx is not always a completion: some gateways answer 200 {"error": {...}}.
         failure = llm.completion_problem(body, raw.headers)
@@ -150,14 +156,29 @@ def send_once(ctx: WorkerContext, client, key: str, config: SweepConfig,
         response = getattr(exc, "response", None)
         if response is not None:
             headers = response.headers
-            ctx.limiter.observe(key, response.headers)
         failure = llm.classify(exc)
-    _bookkeeping(_give_slot_back, ctx, slot, config, latency, failure, headers)
+    trip = RoundTrip(ctx.redis)
+    if headers is not None:
+        ctx.limiter.queue_observe(trip, key, headers)
+    _queue_give_slot_back(ctx, trip, slot, config, latency, failure, headers)
+    if after is not None:
+        after(trip, body, failure)
+    _bookkeeping(trip.execute)
     return body, failure
 
 
-def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0, rate_limited: int = 0) -> Outcome:
-    """Generate and store request `index` of sweep `sweep_id` (see the module docstring)."""
+def _give_back_unused(ctx: WorkerContext, lease) -> None:
+    """A slot taken with a reservation that was refused (or a capped spend): nothing was sent."""
+    if lease is not None and lease.token is not None:
+        ctx.in_flight_limiter.release(lease, outcome="other")
+
+
+def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0, rate_limited: int = 0,
+                entry: InFlightEntry | None = None) -> Outcome:
+    """Generate and store request `index` of sweep `sweep_id` (see the module docstring).
+
+    `entry`: the task's place in the sweep's in-flight set, added with the first reservation
+    and removed with a success's bookkeeping (the caller closes it in any case)."""
     engine, settings = ctx.engine, ctx.settings
     sweep, stored = store.sweep_and_row(engine, sweep_id, index)
     if stored:
@@ -188,24 +209,44 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
     params = request_params(config, messages)
     spend = RequestSpend.for_request(ctx.spend, sweep, config, prompt_tokens)  # money: the spend cap
 
+    def after_call(trip: RoundTrip, body: dict[str, Any] | None, failure: llm.Failure | None) -> None:
+        """The answer's bookkeeping, in the round trip that frees the slot."""
+        if failure is not None:
+            ctx.limiter.queue_settle(trip, key, reserved, 0)  # a refused or failed call used no tokens
+            return
+        if (used := read_completion(body).total_tokens) is not None:
+            ctx.limiter.queue_settle(trip, key, reserved, used)
+        health.queue_succeeded(trip, sweep)  # a success ends any failure streak
+        if entry is not None:
+            entry.queue_remove(trip)
+
     while True:
-        wait = ctx.limiter.reserve(key, reserved)
+        # One round trip: the task joins the in-flight set, reserves its rate and takes a slot.
+        trip = RoundTrip(ctx.redis)
+        if entry is not None:
+            entry.queue_add(trip)
+        granted = ctx.limiter.queue_reserve(trip, key, reserved)
+        slot = ctx.in_flight_limiter.queue_acquire(trip, key, _in_flight_cap(ctx, config))
+        trip.execute()
+        lease = slot.value[0]
+        wait = granted.value
         if wait > 0:
+            _give_back_unused(ctx, lease)
             if wait > settings.max_inline_wait:
                 return Outcome(retry_in=min(wait, settings.max_countdown), attempts=attempts, rate_limited=rate_limited)
             time.sleep(wait)
             continue
         if (cap_reached := spend.cap_reached()) is not None:
             ctx.limiter.settle(key, reserved, 0)
+            _give_back_unused(ctx, lease)
             if store.stop_sweep(engine, sweep_id, cap_reached):
                 log.warning("sweep %s stopped: %s", sweep.name, cap_reached)
             return fail("spend_cap", f"not sent: {cap_reached}")
 
         attempts += 1
         began = time.monotonic()
-        body, failure = send_once(ctx, client, key, config, params)
+        body, failure = send_once(ctx, client, key, config, params, lease=lease, after=after_call)
         if failure is not None:
-            ctx.limiter.settle(key, reserved, 0)  # a refused or failed call used no tokens
             spend.release(failure.kind)
             if failure.kind == "rate_limited":
                 rate_limited += 1
@@ -234,11 +275,8 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
             time.sleep(wait)
             continue
 
-        health.succeeded(ctx, sweep)
         latency_ms = (time.monotonic() - began) * 1000
         answer = read_completion(body)
-        if answer.total_tokens is not None:
-            _bookkeeping(ctx.limiter.settle, key, reserved, answer.total_tokens)
         content, refusal = answer.content, answer.refusal
         common = dict(
             model=answer.model, finish_reason=answer.finish_reason, refusal=refusal,

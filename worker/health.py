@@ -19,6 +19,7 @@ import redis
 
 from models.schema import Sweep
 from worker.llm import Failure
+from worker.ratelimit.roundtrip import RoundTrip
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,6 @@ def failed(ctx, sweep: Sweep, failure: Failure) -> str | None:
             f"fix it, then run the same `python -m producer sweep` command again to resume")
 
 
-def succeeded(ctx, sweep: Sweep) -> None:
-    """A success ends any streak."""
-    try:
-        ctx.redis.delete(_key(sweep))
-    except redis.RedisError:
-        log.debug("cannot clear the failure streak", exc_info=True)
+def queue_succeeded(trip: RoundTrip, sweep: Sweep) -> None:
+    """A success ends any streak (sent with the request's other bookkeeping)."""
+    trip.call("delete", _key(sweep))

@@ -11,7 +11,7 @@ import logging
 import redis
 
 from worker.app import app
-from worker.context import get_context, in_flight
+from worker.context import InFlightEntry, get_context
 from worker.generation import DB_UNAVAILABLE, record_internal_failure, run_request
 from worker.llm import backoff
 
@@ -22,9 +22,12 @@ log = logging.getLogger(__name__)
 def generate(self, sweep_id: int, index: int, attempts: int = 0, rate_limited: int = 0) -> None:
     """Request `index` of sweep `sweep_id`: store its row, or come back later."""
     ctx = get_context()
+    entry = InFlightEntry(sweep_id, self.request.id)
     try:
-        with in_flight(ctx.redis, sweep_id, self.request.id):
-            outcome = run_request(ctx, sweep_id, index, attempts, rate_limited)
+        try:
+            outcome = run_request(ctx, sweep_id, index, attempts, rate_limited, entry=entry)
+        finally:
+            entry.close(ctx.redis)
     except (*DB_UNAVAILABLE, redis.ConnectionError, redis.TimeoutError) as exc:
         # The database (or the Redis holding the rate budget) is away: nothing was stored, so run
         # again later (the API call is repeated only if this run made one and could not store it

@@ -19,6 +19,7 @@ from models import RowState, get_engine, store
 from tests.acceptance.helpers import free_port
 from tests.unit.test_generation import CONFIG
 from gridtune.sweep import parse_config
+from worker import llm
 from worker.context import reset_context
 from worker.tasks import generate
 
@@ -84,7 +85,7 @@ def test_an_unexpected_error_becomes_a_failed_internal_row_and_the_task_succeeds
     assert row.params == {"age": 90, "power": "flight"}  # the request's own grid cell
 
 
-def test_redis_lost_after_the_api_answered_the_answer_is_stored(tmp_path):
+def test_redis_lost_after_the_api_answered_the_answer_is_stored(tmp_path, monkeypatch):
     """Redis goes away between the reservation and the answer (the broker-loss test met this
     once in ten runs): the bookkeeping after the call is skipped and the paid answer is stored
     ok, not failed as "unexpected" and not asked for again."""
@@ -97,15 +98,14 @@ def test_redis_lost_after_the_api_answered_the_answer_is_stored(tmp_path):
         ctx = make_context(tmp_path, server)
         shared = fakeredis.FakeServer()
         ctx.__dict__["redis"] = fakeredis.FakeRedis(server=shared)
-        # The last Redis call before the API call: the endpoint's in-flight slot.
-        acquire = ctx.in_flight_limiter.acquire
+        # Redis is lost while the request is at the API, after the reservation and the slot.
+        post = llm.post_chat_completion
 
-        def acquire_then_lose_redis(*args):
-            granted = acquire(*args)
+        def lose_redis_then_post(*args):
             shared.connected = False  # every later command raises redis.ConnectionError
-            return granted
+            return post(*args)
 
-        ctx.in_flight_limiter.acquire = acquire_then_lose_redis
+        monkeypatch.setattr(llm, "post_chat_completion", lose_redis_then_post)
         sweep = new_sweep(ctx)
         outcome = run_request(ctx, sweep.id, 2)
         assert outcome.stored and outcome.retry_in is None

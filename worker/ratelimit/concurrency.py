@@ -42,6 +42,7 @@ from typing import Literal
 import redis
 
 from worker.ratelimit.limiter import lua_script
+from worker.ratelimit.roundtrip import Reply, RoundTrip
 
 Outcome = Literal["ok", "overload", "other"]
 IDLE_EXPIRY_SECONDS = 3600
@@ -113,7 +114,10 @@ class InFlightLimiter:
         if cap is None and (not self.adaptive or key in self._metered):
             return Lease(key, None), 0.0
         token = uuid.uuid4().hex
-        answer = self._run("acquire", key, cap, token, self._lease_us)
+        return self._granted(key, token, self._run("acquire", key, cap, token, self._lease_us))
+
+    def _granted(self, key: str, token: str, answer: int) -> tuple[Lease | None, float]:
+        """What the acquire script's answer means (see concurrency_acquire.lua)."""
         if answer < 0:
             return Lease(key, None), 0.0
         if answer == 0:
@@ -126,16 +130,38 @@ class InFlightLimiter:
                 metered: bool = False, cap: int | None = None) -> None:
         """Give the slot back; `latency` (seconds) of an "ok" answer teaches the limit, "overload"
         (a timeout) cuts it. `metered`: the answer carried rate-limit headers (see the module doc)."""
+        if (args := self._release_args(lease, latency, outcome, metered, cap)) is not None:
+            self._scripts["release"](keys=self.keys(lease.key), args=args)
+
+    def _release_args(self, lease: Lease, latency: float | None, outcome: Outcome, metered: bool,
+                      cap: int | None) -> list | None:
+        """ARGV of the release script; None when there is nothing to tell Redis."""
         newly_metered = metered and lease.key not in self._metered
         if metered:
             self._metered.add(lease.key)
         if lease.token is None and not (newly_metered and self.adaptive):
-            return  # nothing held, nothing new to share
+            return None  # nothing held, nothing new to share
         if outcome not in ("ok", "overload", "other"):
             raise ValueError(f"unknown outcome {outcome!r}")
         latency_us = "" if latency is None else max(0, round(latency * 1_000_000))
-        self._run("release", lease.key, cap, lease.token or "", outcome, latency_us, int(metered),
-                  self._tolerance, self._min_queue_us)
+        return self._args(cap, lease.token or "", outcome, latency_us, int(metered),
+                          self._tolerance, self._min_queue_us)
+
+    def queue_acquire(self, trip: RoundTrip, key: str, cap: int | None = None) -> Reply[tuple[Lease | None, float]]:
+        """`acquire` sent with the other commands of `trip`: the Reply's value is acquire's answer."""
+        if cap is not None and cap < 1:
+            raise ValueError(f"cap must be at least 1, not {cap!r}")
+        if cap is None and (not self.adaptive or key in self._metered):
+            return Reply.ready((Lease(key, None), 0.0))
+        token = uuid.uuid4().hex
+        return trip.script(self._scripts["acquire"], self.keys(key), self._args(cap, token, self._lease_us),
+                           lambda answer: self._granted(key, token, int(answer)))
+
+    def queue_release(self, trip: RoundTrip, lease: Lease, *, latency: float | None = None,
+                      outcome: Outcome = "other", metered: bool = False, cap: int | None = None) -> None:
+        """`release` sent with the other commands of `trip`."""
+        if (args := self._release_args(lease, latency, outcome, metered, cap)) is not None:
+            trip.script(self._scripts["release"], self.keys(lease.key), args)
 
     def state(self, key: str) -> dict[str, float | int | None]:
         """What the shared state holds now: limit, fast_s, base_s, in_flight (for tests and status)."""
@@ -149,6 +175,10 @@ class InFlightLimiter:
                 "metered": bool(metered and int(metered)), "in_flight": int(self._client.zcard(leases))}
 
     def _run(self, script: str, key: str, cap: int | None, *args: int | float | str) -> int:
+        return int(self._scripts[script](keys=self.keys(key), args=self._args(cap, *args)))
+
+    def _args(self, cap: int | None, *args: int | float | str) -> list:
+        """ARGV of both scripts (concurrency_common.lua reads the first four), then the script's own."""
         common = ("" if self._clock is None else round(self._clock() * 1_000_000),
                   "" if cap is None else cap, int(self.adaptive), self._idle_ms)
-        return int(self._scripts[script](keys=self.keys(key), args=[*common, *args]))
+        return [*common, *args]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import redis
 
+from worker.ratelimit.roundtrip import Reply, RoundTrip
+
 log = logging.getLogger(__name__)
 
 IDLE_EXPIRY_SECONDS = 24 * 3600
@@ -48,9 +50,22 @@ class Limiter(ABC):
     def settle(self, key: str, reserved_tokens: int, actual_tokens: int) -> None:
         """Refund or charge the difference once the real token usage is known."""
 
+    def queue_reserve(self, trip: RoundTrip, key: str, tokens: int) -> Reply[float]:
+        """`reserve` sent with the other commands of `trip` (here: at once, for backends that
+        have no round trips to share)."""
+        return Reply.ready(self.reserve(key, tokens))
+
+    def queue_settle(self, trip: RoundTrip, key: str, reserved_tokens: int, actual_tokens: int) -> None:
+        """`settle` sent with the other commands of `trip` (here: at once)."""
+        self.settle(key, reserved_tokens, actual_tokens)
+
     @abstractmethod
     def observe(self, key: str, headers: Mapping[str, str]) -> None:
         """Learn from x-ratelimit-* response headers; malformed ones are ignored."""
+
+    def queue_observe(self, trip: RoundTrip, key: str, headers: Mapping[str, str]) -> None:
+        """`observe` sent with the other commands of `trip` (here: at once)."""
+        self.observe(key, headers)
 
     @abstractmethod
     def cool_down(self, key: str, seconds: float) -> None:
@@ -143,17 +158,30 @@ class RateLimiter(Limiter):
             raise ValueError(f"tokens must not be negative, not {tokens}")
         return self._run("reserve", key, tokens) / 1_000_000
 
+    def queue_reserve(self, trip: RoundTrip, key: str, tokens: int) -> Reply[float]:
+        """`reserve` as part of a round trip: the Reply's value is the seconds to wait (0.0 = granted)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must not be negative, not {tokens}")
+        return trip.script(self._scripts["reserve"], [self.redis_key(key)], self._args(key, tokens),
+                           lambda answer: int(answer) / 1_000_000)
+
     def settle(self, key: str, reserved_tokens: int, actual_tokens: int) -> None:
         if actual_tokens != reserved_tokens:
             self._run("settle", key, actual_tokens - reserved_tokens)
 
+    def queue_settle(self, trip: RoundTrip, key: str, reserved_tokens: int, actual_tokens: int) -> None:
+        """`settle` as part of a round trip."""
+        if actual_tokens != reserved_tokens:
+            trip.script(self._scripts["settle"], [self.redis_key(key)],
+                        self._args(key, actual_tokens - reserved_tokens))
+
     def observe(self, key: str, headers: Mapping[str, str]) -> None:
-        named = {name.lower(): value for name, value in headers.items()}
-        args = (*_header_args(named, "requests"), *_header_args(named, "tokens"))
-        # No readable x-ratelimit header (local servers, most self-hosted ones): nothing to learn,
-        # so no round trip (the script would only refresh the key's expiry, as reserve does).
-        if any(arg != "" for arg in args):
+        if (args := _observed(headers)) is not None:
             self._run("observe", key, *args)
+
+    def queue_observe(self, trip: RoundTrip, key: str, headers: Mapping[str, str]) -> None:
+        if (args := _observed(headers)) is not None:
+            trip.script(self._scripts["observe"], [self.redis_key(key)], self._args(key, *args))
 
     def cool_down(self, key: str, seconds: float) -> None:
         if not (math.isfinite(seconds) and seconds >= 0):
@@ -201,6 +229,10 @@ class RateLimiter(Limiter):
         return Limits(rpm=rpm, tpm=tpm)
 
     def _run(self, script: str, key: str, *args: int | str) -> int:
+        return int(self._scripts[script](keys=[self.redis_key(key)], args=self._args(key, *args)))
+
+    def _args(self, key: str, *args: int | str) -> list[int | str]:
+        """ARGV of every script (common.lua reads the first eight), then the script's own."""
         configured = self._configured.get(key, Limits())
         common = (
             "" if self._clock is None else round(self._clock() * 1_000_000),
@@ -212,7 +244,7 @@ class RateLimiter(Limiter):
             self._burst_us,
             "1" if self._headroom else "0",
         )
-        return int(self._scripts[script](keys=[self.redis_key(key)], args=[*common, *args]))
+        return [*common, *args]
 
 
 def _glob_escape(text: str) -> str:
@@ -221,6 +253,15 @@ def _glob_escape(text: str) -> str:
 
 def _optional(value: int | None) -> int | str:
     return "" if value is None else value
+
+
+def _observed(headers: Mapping[str, str]) -> tuple[int | str, ...] | None:
+    """observe.lua's arguments from a response's headers; None when no x-ratelimit header is
+    readable (local servers, most self-hosted ones): nothing to learn, so nothing to send (the
+    script would only refresh the key's expiry, as reserve does)."""
+    named = {name.lower(): value for name, value in headers.items()}
+    args = (*_header_args(named, "requests"), *_header_args(named, "tokens"))
+    return args if any(arg != "" for arg in args) else None
 
 
 def _header_args(headers: Mapping[str, str], dimension: str) -> tuple[int | str, int | str]:
