@@ -106,14 +106,10 @@ def _in_flight_cap(ctx: WorkerContext, config: SweepConfig) -> int | None:
 
 
 def _take_slot(ctx: WorkerContext, key: str, config: SweepConfig):
-    """Wait inline for a slot at the endpoint (the shared in-flight limit): one frees within a
-    latency, so the task keeps its worker slot rather than going back to the broker."""
-    cap = _in_flight_cap(ctx, config)
-    while True:
-        lease, wait = ctx.in_flight_limiter.acquire(key, cap)
-        if lease is not None:
-            return lease
-        time.sleep(wait)
+    """Wait inline for a slot at the endpoint (the shared in-flight limit): `take` returns as soon
+    as a release anywhere frees one, so the task keeps its worker slot rather than going back to
+    the broker."""
+    return ctx.in_flight_limiter.take(key, _in_flight_cap(ctx, config))
 
 
 def _queue_give_slot_back(ctx: WorkerContext, trip: RoundTrip, lease, config: SweepConfig, latency: float | None,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import heapq
 import random
 import statistics
+import threading
+import time
 import uuid
 
 import fakeredis
@@ -222,6 +224,130 @@ def test_waiters_are_spaced_so_polls_stay_near_one_per_answer(make, clock):
     # No latency known yet (0.1 s assumed): the first waiter hears about 0.1 s / 2 slots, the
     # 20th about 20 x that (each +-50 % jitter).
     assert waits[0] < 0.1 and waits[-1] > 0.4
+
+
+def _wait_until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_a_released_slot_goes_to_a_blocked_waiter_at_once_not_at_its_next_poll(make, client):
+    # Real time (take blocks on Redis). Answers take 5 s here, so a poll would come seconds later.
+    limiter = make(clock=None, adaptive=False, max_wait=10)
+    for _ in range(5):
+        lease = limiter.take(KEY, cap=1)
+        limiter.release(lease, latency=5.0, outcome="ok", cap=1)
+    held = limiter.take(KEY, cap=1)
+    assert limiter.acquire(KEY, cap=1)[1] >= 2  # what the waiter would otherwise sleep
+    waiters = limiter.keys(KEY)[2]
+    got, taken = {}, threading.Event()
+
+    def waiter():
+        got["lease"] = limiter.take(KEY, cap=1, deadline=time.monotonic() + 30)
+        got["at"] = time.monotonic()
+        taken.set()
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: client.zcard(waiters) == 2)  # the probe above and the waiter
+        released = time.monotonic()
+        limiter.release(held, latency=5.0, outcome="ok", cap=1)
+        # Polling would take seconds; 0.1 s leaves room for a loaded CI machine (typically ~2-7 ms).
+        assert taken.wait(timeout=1) and got["at"] - released < 0.1
+        assert got["lease"].token and limiter.state(KEY)["in_flight"] == 1
+    finally:
+        if "lease" not in got:  # a failure: free the thread's way out (it gives up at its deadline)
+            client.delete(limiter.keys(KEY)[1])
+            limiter.release(Lease(KEY, "nobody"), cap=1)
+        thread.join(timeout=30)
+
+
+def test_contending_threads_keep_every_slot_busy(make, client):
+    # 10 threads, a cap of 4, a server that holds each request 0.5 s; after each answer a thread
+    # stores it and fetches its next task (0.2 s) before asking again, so the releaser does not
+    # simply take its own slot back. Polling left a freed slot idle until some waiter's next poll
+    # (busy ~ 0.7 here); handed over, it is idle about one round trip.
+    cap, hold, pause, seconds = 4, 0.5, 0.2, 3.0
+    limiter = make(clock=None, adaptive=False)
+    lock = threading.Lock()
+    spans, in_service = [], [0, 0]  # [now, most at once]
+    start = time.monotonic()
+    end = start + seconds
+
+    def caller():
+        while time.monotonic() < end:
+            lease = limiter.take(KEY, cap=cap, deadline=end + 10)
+            began = time.monotonic()
+            with lock:
+                in_service[0] += 1
+                in_service[1] = max(in_service)
+            time.sleep(hold)  # the server answering
+            with lock:
+                in_service[0] -= 1
+            spans.append((began, time.monotonic()))
+            limiter.release(lease, latency=hold, outcome="ok", cap=cap)
+            time.sleep(pause)
+
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    window = (start + hold, end)  # after the first answers
+    busy = sum(max(0.0, min(b, window[1]) - max(a, window[0])) for a, b in spans)
+    assert in_service[1] == cap
+    assert busy / (cap * (window[1] - window[0])) >= 0.95
+    assert limiter.state(KEY)["in_flight"] == 0
+
+
+def test_wake_up_tokens_never_pile_up(make, client):
+    limiter = make(clock=None, adaptive=False)
+    wakeups = limiter.keys(KEY)[4]
+    # Nobody waits: releases push nothing.
+    for _ in range(50):
+        limiter.release(limiter.take(KEY, cap=2), latency=0.1, outcome="ok", cap=2)
+    assert not client.exists(wakeups)
+    # Three wait (refused, not popping): one token per slot freed for them, never more ...
+    first, second = limiter.take(KEY, cap=2), limiter.take(KEY, cap=2)
+    for _ in range(3):
+        assert limiter.acquire(KEY, cap=2)[0] is None
+    limiter.release(first, outcome="other", cap=2)
+    assert client.llen(wakeups) == 1 and 0 < client.pttl(wakeups) <= 3600 * 1000
+    limiter.release(second, outcome="other", cap=2)
+    assert client.llen(wakeups) == 2
+    # ... and none for a slot taken meanwhile (by a caller that did not wait) or cut away.
+    third = limiter.acquire(KEY, cap=2)[0]
+    assert client.llen(wakeups) == 1
+    limiter.acquire(KEY, cap=2)
+    assert client.llen(wakeups) == 0
+    limiter.release(third, outcome="other", cap=1)  # the cap cut to 1: one still in flight
+    assert not client.exists(wakeups)
+
+
+def test_an_endpoint_found_metered_lets_its_waiters_go_at_once(make, client):
+    first, second = make(clock=None), make(clock=None)
+    held = first.take(KEY)  # the slow-start limit is 1
+    assert second.acquire(KEY)[0] is None and second.acquire(KEY)[0] is None  # two wait
+    first.release(held, latency=0.5, outcome="ok", metered=True)
+    assert client.llen(first.keys(KEY)[4]) == 2  # no limit any more: a token each
+    assert second.take(KEY) == Lease(KEY, None)
+
+
+def test_take_gives_up_at_its_deadline_and_needs_the_real_clock(make, client):
+    limiter = make(clock=None, adaptive=False, max_wait=10)
+    held = limiter.take(KEY, cap=1)
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        limiter.take(KEY, cap=1, deadline=began + 0.2)
+    assert 0.2 <= time.monotonic() - began < 1.0
+    assert client.zcard(limiter.keys(KEY)[2]) == 0  # it no longer counts as waiting
+    limiter.release(held, cap=1)
+    with pytest.raises(RuntimeError):
+        make().take(KEY)  # a simulated clock: poll with acquire
 
 
 def test_is_metered_reads_the_rate_limit_headers():

@@ -5,10 +5,18 @@ Ollama, `transformers serve`, a small local model) do neither: they queue, and l
 requests time out. This limiter gives them backpressure from latency:
 
     slots = InFlightLimiter(redis.Redis.from_url(url))
-    while (lease := slots.acquire(key, cap=None))[0] is None:   # (lease, seconds to wait)
-        time.sleep(lease[1])
+    lease = slots.take(key, cap=None)   # blocks until a slot is free (acquire: never blocks)
     started = time.monotonic(); response = call()
     slots.release(lease, latency=time.monotonic() - started, outcome="ok", metered=False)
+
+A caller that finds no free slot waits on the endpoint's wake-up list (BLPOP), and `release` pushes
+one token per slot it leaves free for a waiter, in the same script, so a freed slot goes to a
+waiter within a round trip instead of at the waiter's next poll (polling left it idle about one
+inter-completion time: throughput limit / (limit + 1) of the server's). The BLPOP times out after
+the wait `acquire` suggests (about latency x waiters / limit, at most `max_wait`), so a lost
+wake-up, a crashed releaser or an expired lease costs no more than polling did. Tokens never pile
+up: every script leaves at most one per slot free for a waiter (none when nobody waits, none after
+the slot was taken or the limit cut); a waiter woken for a slot that is gone just waits again.
 
 The limit adapts like TCP Vegas / Netflix's concurrency-limits "gradient" limiter, with every
 worker process and host feeding one shared state (a Lua script per call, `concurrency_*.lua`):
@@ -28,12 +36,18 @@ it and no in-flight limit applies (no lease, one Redis call per request instead 
 
 A slot is a lease with an expiry (`lease_seconds`, above the request timeout), so a worker that
 dies mid-request frees its slot at that expiry. State expires after `idle_expiry` seconds unused.
+
+Redis keys per endpoint (`keys()`), all under `{namespace}:{key}` and expiring together:
+the state hash (limit, latencies learnt, metered), `:leases` (token -> expiry), `:waiters`
+(token -> expiry: how many wait, to space polls and to size wake-ups), `:latencies` (the latest
+answers' latencies) and `:wakeups` (the wake-up tokens that waiters BLPOP).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -75,7 +89,8 @@ class InFlightLimiter:
     `tolerance` (> 1): latency / unloaded latency that counts as queueing. `min_queue` (seconds):
     queueing below this is never acted on. `lease_seconds`: how long a slot stays taken when its
     holder never releases it (keep it above the request timeout). `max_wait` (seconds): the longest
-    single wait `acquire` suggests. `clock` (seconds) is for tests; by default Redis' clock.
+    single wait `acquire` suggests, and the longest BLPOP `take` blocks a pooled connection in.
+    `clock` (seconds) is for tests; by default Redis' clock (`take` needs the real one).
     """
 
     def __init__(self, client: redis.Redis, *, namespace: str = "gridtune:inflight-limit",
@@ -101,19 +116,22 @@ class InFlightLimiter:
         self._metered: set[str] = set()
 
     def keys(self, key: str) -> list[str]:
-        """The Redis keys of `key`'s state, leases, waiters and latest latencies."""
+        """The Redis keys of `key`'s state, leases, waiters, latest latencies and wake-up tokens."""
         if not key:
             raise ValueError("an endpoint key must not be empty")
         base = f"{self._namespace}:{key}"
-        return [base, f"{base}:leases", f"{base}:waiters", f"{base}:latencies"]
+        return [base, f"{base}:leases", f"{base}:waiters", f"{base}:latencies", f"{base}:wakeups"]
 
-    def acquire(self, key: str, cap: int | None = None) -> tuple[Lease | None, float]:
-        """Take a slot: (lease, 0.0), or (None, seconds to wait before asking again; nothing taken)."""
+    def acquire(self, key: str, cap: int | None = None, token: str | None = None) -> tuple[Lease | None, float]:
+        """Take a slot: (lease, 0.0), or (None, seconds to wait before asking again; nothing taken).
+
+        `token`: the caller's own, the same on every try of one wait, so that the waiters set counts
+        it once (a fresh one per call by default)."""
         if cap is not None and cap < 1:
             raise ValueError(f"cap must be at least 1, not {cap!r}")
         if cap is None and (not self.adaptive or key in self._metered):
             return Lease(key, None), 0.0
-        token = uuid.uuid4().hex
+        token = token or uuid.uuid4().hex
         return self._granted(key, token, self._run("acquire", key, cap, token, self._lease_us))
 
     def _granted(self, key: str, token: str, answer: int) -> tuple[Lease | None, float]:
@@ -125,6 +143,30 @@ class InFlightLimiter:
         # Jitter: waiters that asked together must not all come back together.
         wait = answer / 1_000_000 * self._rng.uniform(0.5, 1.5)
         return None, min(self._max_wait, max(MIN_POLL_SECONDS, wait))
+
+    def take(self, key: str, cap: int | None = None, *, deadline: float | None = None) -> Lease:
+        """Wait for a slot and take it: returns as soon as `release` (any process, any host) frees
+        one for this caller, not at its next poll. `deadline` (time.monotonic()): raise
+        TimeoutError when no slot came by then. Needs the real clock (not a test's `clock`)."""
+        if self._clock is not None:
+            raise RuntimeError("take waits in real time: with a simulated clock, poll with acquire")
+        wakeups = self.keys(key)[4]
+        # One token for the whole wait: the waiters set counts this caller once, and the Lua
+        # sizes wake-ups by that count. Positional, so a wrapped `acquire(*args)` still sees it.
+        token = uuid.uuid4().hex
+        while True:
+            lease, wait = self.acquire(key, cap, token)
+            if lease is not None:
+                return lease
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._client.zrem(self.keys(key)[2], token)  # no longer waiting
+                    raise TimeoutError(f"no in-flight slot at {key!r} before the deadline")
+                wait = min(wait, left)
+            # Blocks one pooled connection for at most `max_wait`; never 0 (BLPOP's "forever").
+            # A token, a timeout (a lost wake-up, an expired lease) or a stale token: ask again.
+            self._client.blpop([wakeups], timeout=max(MIN_POLL_SECONDS, round(wait, 3)))
 
     def release(self, lease: Lease, *, latency: float | None = None, outcome: Outcome = "other",
                 metered: bool = False, cap: int | None = None) -> None:
@@ -165,7 +207,7 @@ class InFlightLimiter:
 
     def state(self, key: str) -> dict[str, float | int | None]:
         """What the shared state holds now: limit, fast_s, base_s, in_flight (for tests and status)."""
-        state_key, leases, _, _ = self.keys(key)
+        state_key, leases, *_ = self.keys(key)
         limit, fast, base, metered = self._client.hmget(state_key, ["limit", "fast_us", "base_us", "metered"])
 
         def number(value, scale=1.0):

@@ -9,6 +9,7 @@ end
 if redis.call("ZCARD", leases) < math.floor(limit) then
   redis.call("ZADD", leases, now + lease_us, token)
   redis.call("ZREM", waiters, token)
+  wake_waiters()
   keep_alive()
   return 0
 end
@@ -18,5 +19,6 @@ local fast = field("fast_us") or 100000
 local waiting = redis.call("ZCARD", waiters) + 1
 local wait = math.max(1000, fast * waiting / math.max(limit, 1))
 redis.call("ZADD", waiters, now + 2 * wait + 1000000, token)
+wake_waiters()  -- no slot is free: drops any token left over
 keep_alive()
 return math.ceil(wait)

@@ -11,6 +11,7 @@ if held == 0 then in_flight = in_flight + 1 end
 
 if metered then
   redis.call("HSET", state, "metered", 1)
+  wake_waiters()  -- no adaptive limit any more: the waiters may go (up to a fixed cap)
   keep_alive()
   return 0
 end
@@ -77,5 +78,6 @@ elseif outcome == "overload" then
 end
 limit = math.min(MAX_LIMIT, limit)
 redis.call("HSET", state, "limit", string.format("%.4f", limit))
+wake_waiters()  -- in the same round trip as the release: the freed slot is not left idle
 keep_alive()
 return 0
