@@ -1,8 +1,8 @@
 """Celery's own CPU per task: the floor under gridtune's worker CPU per row (issue 14, part 4).
 
 A chord of N tasks that do nothing, published the way `producer.enqueue.send_chord` publishes
-`generate` (the same message fields: group, chord body, ignore_result), consumed by ONE
-`celery worker --pool threads` process configured exactly as a gridtune worker
+`generate` (the same message fields: group, chord body, ignore_result), consumed by
+`celery worker --pool threads` processes (one by default) configured exactly as a gridtune worker
 (`worker.app.celery_config`: acks_late, reject_on_worker_lost, prefetch 1, JSON, task events,
 Redis broker and result backend with the visibility timeout, kombu's client reuse). Whatever CPU
 that worker spends per task is Celery's alone: no HTTP, no database, no rate budget.
@@ -10,6 +10,7 @@ that worker spends per task is Celery's alone: no HTTP, no database, no rate bud
     python bench/celery_floor.py --tasks 10000                   # events on, chord, 64 threads
     python bench/celery_floor.py --tasks 10000 --events off --concurrency 16
     python bench/celery_floor.py --tasks 10000 --no-chord
+    python bench/celery_floor.py --tasks 10000 --procs 4          # 4 x 16 threads
 
 The module is also the worker's app (`celery -A bench.celery_floor worker`): the tasks live here.
 """
@@ -77,7 +78,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--procs", type=int, default=1, help="worker processes (threads split among them)")
+    parser.add_argument("--concurrency", type=int, default=64, help="threads in all")
     parser.add_argument("--events", choices=("on", "off"), default="on")
     parser.add_argument("--no-chord", action="store_true", help="plain tasks: no chord counter")
     parser.add_argument("--max-seconds", type=float, default=300)
@@ -91,13 +93,18 @@ def main() -> int:
     os.environ.update(env)
     logdir = Path(tempfile.mkdtemp(prefix="gridtune-floor-"))
     publish(args.tasks, chord=not args.no_chord)
-    cmd = [sys.executable, "-m", "celery", "-A", "bench.celery_floor", "worker", "--pool", "threads",
-           "-c", str(args.concurrency), "-Q", app.conf.task_default_queue, "-n", "floor@%h",
-           "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
-    log = open(logdir / "worker.log", "w")
+    def worker_command(i: int) -> list[str]:
+        return [sys.executable, "-m", "celery", "-A", "bench.celery_floor", "worker", "--pool", "threads",
+                "-c", str(args.concurrency // args.procs), "-Q", app.conf.task_default_queue, "-n", f"floor{i}@%h",
+                "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
+
     servers_before = server_cpu_seconds()
     began = time.monotonic()
-    worker = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    workers = [subprocess.Popen(worker_command(i), env=env, stdout=open(logdir / f"worker{i}.log", "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True) for i in range(args.procs)]
+
+    def workers_cpu() -> float:
+        return sum(proc_cpu_seconds(w.pid) for w in workers)
     queue = app.conf.task_default_queue
     first = first_cpu = None
     deadline = began + args.max_seconds
@@ -105,7 +112,7 @@ def main() -> int:
         while time.monotonic() < deadline:
             left = client.llen(queue)
             if first is None and left < args.tasks:  # consumption has begun: start-up is behind us
-                first, first_cpu = time.monotonic(), proc_cpu_seconds(worker.pid)
+                first, first_cpu = time.monotonic(), workers_cpu()
                 consumed_at_first = args.tasks - left
             finished = client.exists(DONE_KEY) if not args.no_chord else (
                 left == 0 and client.hlen("unacked") == 0)
@@ -113,17 +120,19 @@ def main() -> int:
                 break
             time.sleep(0.05)
         else:
-            raise SystemExit(f"not done within {args.max_seconds} s; worker log: {logdir / 'worker.log'}")
-        wall, cpu = time.monotonic() - first, proc_cpu_seconds(worker.pid) - first_cpu
+            raise SystemExit(f"not done within {args.max_seconds} s; worker logs in {logdir}")
+        wall, cpu = time.monotonic() - first, workers_cpu() - first_cpu
     finally:
-        worker.terminate()
-        worker.wait(30)
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(30)
     servers_after = server_cpu_seconds()
     counted = args.tasks - consumed_at_first
     redis_ms = (servers_after["redis"] - servers_before["redis"]) * 1000 / args.tasks
     print(md_table(
-        ["events", "chord", "threads", "tasks", "wall s", "tasks/s", "worker CPU ms/task", "Redis CPU ms/task"],
-        [[args.events, "no" if args.no_chord else "yes", args.concurrency, counted, wall, counted / wall,
+        ["events", "chord", "procs x threads", "tasks", "wall s", "tasks/s", "worker CPU ms/task", "Redis CPU ms/task"],
+        [[args.events, "no" if args.no_chord else "yes", f"{args.procs}x{args.concurrency // args.procs}", counted, wall, counted / wall,
           cpu * 1000 / counted, redis_ms]]))
     return 0
 
