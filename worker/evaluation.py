@@ -218,7 +218,8 @@ def call_model(ctx, sweep: Sweep, config: SweepConfig, params: dict[str, Any], a
             return Call(failure=llm.Failure("spend_cap", f"not sent: {cap_reached}", retryable=False),
                         attempts=attempts)
         attempts += 1
-        body, failure = send_once(ctx, client, key, config, params)  # the sweep's call path, in-flight slot included
+        # the sweep's call path, in-flight slot included
+        body, failure, _latency = send_once(ctx, client, key, config, params)
         if failure is None:
             answer = read_completion(body)
             if answer.total_tokens is not None:

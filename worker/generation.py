@@ -130,10 +130,12 @@ def record_internal_failure(ctx: WorkerContext, sweep_id: int, index: int, exc: 
 
 def send_once(ctx: WorkerContext, client, key: str, config: SweepConfig, params: dict[str, Any], *,
               lease=None, after: Callable[[RoundTrip, dict[str, Any] | None, llm.Failure | None], None] | None = None,
-              ) -> tuple[dict[str, Any] | None, llm.Failure | None]:
-    """One chat completion inside the endpoint's shared in-flight slot: (parsed body, None) or
-    (None or the body, the classified failure). The rate budget `key` learns from the answer's
-    headers; the slot learns its latency. Never raises for API trouble: sweeps and evals share it.
+              ) -> tuple[dict[str, Any] | None, llm.Failure | None, float | None]:
+    """One chat completion inside the endpoint's shared in-flight slot: (parsed body, None, latency)
+    or (None or the body, the classified failure, latency or None). The latency (seconds) is the
+    call's alone, from holding the slot to the answer: the wait for the slot is not in it. The
+    rate budget `key` learns from the answer's headers; the slot learns its latency. Never raises
+    for API trouble: sweeps and evals share it.
 
     `lease`: a slot the caller already holds (taken with its reservation); else one is waited
     for here. `after(trip, body, failure)` queues the caller's own bookkeeping into the round trip
@@ -160,7 +162,7 @@ def send_once(ctx: WorkerContext, client, key: str, config: SweepConfig, params:
     if after is not None:
         after(trip, body, failure)
     _bookkeeping(trip.execute)
-    return body, failure
+    return body, failure, latency
 
 
 def _give_back_unused(ctx: WorkerContext, lease) -> None:
@@ -240,8 +242,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
             return fail("spend_cap", f"not sent: {cap_reached}")
 
         attempts += 1
-        began = time.monotonic()
-        body, failure = send_once(ctx, client, key, config, params, lease=lease, after=after_call)
+        body, failure, latency = send_once(ctx, client, key, config, params, lease=lease, after=after_call)
         if failure is not None:
             spend.release(failure.kind)
             if failure.kind == "rate_limited":
@@ -271,7 +272,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
             time.sleep(wait)
             continue
 
-        latency_ms = (time.monotonic() - began) * 1000
+        latency_ms = latency * 1000  # the answered call's, not the wait for an in-flight slot
         answer = read_completion(body)
         content, refusal = answer.content, answer.refusal
         common = dict(

@@ -186,3 +186,21 @@ def test_configured_stop_sequences_end_the_answer(tmp_path):
         run_request(ctx, stopped.id, 0)
         row = rows(ctx, stopped)[0]
         assert row.response_text == text[: text.index(cut)] and row.finish_reason == "stop"
+
+
+def test_a_rows_latency_is_its_call_not_the_wait_for_an_in_flight_slot(tmp_path):
+    """With one slot at the endpoint (GRIDTUNE_MAX_IN_FLIGHT=1) and two requests at once, the
+    second waits a whole call for the slot: its row's latency is still one call's."""
+    import threading
+
+    with localapi.running(latency_ms=400) as server:
+        ctx = make_context(tmp_path, server, GRIDTUNE_MAX_IN_FLIGHT=1)
+        sweep = new_sweep(ctx)
+        run_request(ctx, sweep.id, 0)  # scripts loaded, statements built
+        threads = [threading.Thread(target=run_request, args=(ctx, sweep.id, i)) for i in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        latencies = sorted(rows(ctx, sweep)[i].latency_ms for i in (1, 2))
+        assert all(400 <= latency < 750 for latency in latencies), latencies  # two calls would be >= 800
