@@ -113,12 +113,15 @@ def test_the_limit_finds_the_servers_capacity_and_latency_stays_near_unloaded(ma
     make = make_on_redis
     # 4 worker processes, 64 threads, a server that serves 8 at full speed (0.5 s each).
     limiters = [make() for _ in range(4)]
-    latencies, completed = simulate(limiters, clock, sharing_server(8, 0.5), seconds=60, warm_up=20)
-    full_throughput = 8 / 0.5 * 40  # requests in the 40 s after warm-up
-    assert completed >= 0.9 * full_throughput
-    assert statistics.median(latencies) <= 1.5 * 0.5
+    latencies, completed = simulate(limiters, clock, sharing_server(8, 0.5), seconds=120, warm_up=40)
+    full_throughput = 8 / 0.5 * 80  # requests in the 80 s after warm-up
+    assert completed >= 0.95 * full_throughput
+    # Within the tolerance (1.3), not just the 1.5: the limit grows only while latency
+    # is near the unloaded one, and holds between that and the tolerance (without the band it
+    # grows to the tolerance, overshoots by one and sits at ~1.4x).
+    assert statistics.median(latencies) <= 1.3 * 0.5
     state = limiters[0].state(KEY)
-    assert 8 <= state["limit"] <= 13
+    assert 8 <= state["limit"] <= 12
     assert state["base_s"] == pytest.approx(0.5, rel=0.05)
 
 

@@ -63,9 +63,13 @@ if outcome == "ok" and rtt then
       redis.call("HSET", state, "base_us", string.format("%.0f", base))
       queued = false
     end
+    -- A band, as TCP Vegas has: grow only while latency is near the unloaded one (within half
+    -- the tolerance, or below the queueing noise), hold between that and the tolerance, cut
+    -- above it. Growing up to the tolerance itself overshoots by one and cuts every few latencies.
+    local near = fast <= (1 + (tolerance - 1) / 2) * base or fast - base <= min_queue
     if queued then
       cut(math.max(0.5, tolerance * base / fast))
-    elseif in_flight * 2 >= limit then
+    elseif near and in_flight * 2 >= limit then
       -- Grow only a limit that is used. Slow start: +1 per answer (doubles per latency);
       -- then +1 per latency's worth of answers.
       if field("grown") == 1 then limit = limit + 1 / limit else limit = limit + 1 end
