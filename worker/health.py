@@ -13,6 +13,7 @@ The streak is per sweep *run*: its key includes the sweep's `enqueued_at`, so re
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import redis
@@ -45,9 +46,14 @@ return {n, now - since}
 
 
 def _key(sweep: Sweep) -> str:
+    return _streak_key(sweep.id, sweep.created_at, sweep.enqueued_at)
+
+
+@functools.lru_cache(maxsize=1024)  # every success clears it: the same few sweeps
+def _streak_key(sweep_id: int, created_at, enqueued_at) -> str:
     # created_at tells apart sweeps of different databases that share an id and a Redis.
-    run = f"{sweep.created_at.isoformat() if sweep.created_at else ''}|{sweep.enqueued_at.isoformat() if sweep.enqueued_at else ''}"
-    return STREAK_KEY.format(sweep_id=sweep.id, run=run)
+    run = f"{created_at.isoformat() if created_at else ''}|{enqueued_at.isoformat() if enqueued_at else ''}"
+    return STREAK_KEY.format(sweep_id=sweep_id, run=run)
 
 
 def failed(ctx, sweep: Sweep, failure: Failure) -> str | None:

@@ -18,6 +18,7 @@ Money is kept as integer nano-USD: reservations round up, actual costs to the ne
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from abc import ABC, abstractmethod
@@ -31,6 +32,7 @@ NANO = 1_000_000_000  # nano-USD per USD
 IDLE_EXPIRY_SECONDS = 7 * 24 * 3600  # a resumed sweep re-reads its spend from the database anyway
 
 
+@functools.lru_cache(maxsize=1024)  # read for every request of a sweep: the same few values
 def sweep_budget_key(sweep_id: int, created_at: datetime) -> str:
     """A sweep's budget: its id and creation time (ids repeat across databases sharing one Redis)."""
     moment = created_at if created_at.tzinfo else created_at.replace(tzinfo=timezone.utc)
