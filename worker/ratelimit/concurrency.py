@@ -127,12 +127,19 @@ class InFlightLimiter:
 
         `token`: the caller's own, the same on every try of one wait, so that the waiters set counts
         it once (a fresh one per call by default)."""
+        if (call := self._acquire_args(key, cap, token)) is None:
+            return Lease(key, None), 0.0
+        token, args = call
+        return self._granted(key, token, int(self._scripts["acquire"](keys=self.keys(key), args=args)))
+
+    def _acquire_args(self, key: str, cap: int | None, token: str | None) -> tuple[str, list] | None:
+        """(token, ARGV) of the acquire script; None when no limit applies (nothing to ask Redis)."""
         if cap is not None and cap < 1:
             raise ValueError(f"cap must be at least 1, not {cap!r}")
         if cap is None and (not self.adaptive or key in self._metered):
-            return Lease(key, None), 0.0
+            return None
         token = token or uuid.uuid4().hex
-        return self._granted(key, token, self._run("acquire", key, cap, token, self._lease_us))
+        return token, self._args(cap, token, self._lease_us)
 
     def _granted(self, key: str, token: str, answer: int) -> tuple[Lease | None, float]:
         """What the acquire script's answer means (see concurrency_acquire.lua)."""
@@ -191,12 +198,10 @@ class InFlightLimiter:
 
     def queue_acquire(self, trip: RoundTrip, key: str, cap: int | None = None) -> Reply[tuple[Lease | None, float]]:
         """`acquire` sent with the other commands of `trip`: the Reply's value is acquire's answer."""
-        if cap is not None and cap < 1:
-            raise ValueError(f"cap must be at least 1, not {cap!r}")
-        if cap is None and (not self.adaptive or key in self._metered):
+        if (call := self._acquire_args(key, cap, None)) is None:
             return Reply.ready((Lease(key, None), 0.0))
-        token = uuid.uuid4().hex
-        return trip.script(self._scripts["acquire"], self.keys(key), self._args(cap, token, self._lease_us),
+        token, args = call
+        return trip.script(self._scripts["acquire"], self.keys(key), args,
                            lambda answer: self._granted(key, token, int(answer)))
 
     def queue_release(self, trip: RoundTrip, lease: Lease, *, latency: float | None = None,
@@ -215,9 +220,6 @@ class InFlightLimiter:
 
         return {"limit": number(limit), "fast_s": number(fast, 1e6), "base_s": number(base, 1e6),
                 "metered": bool(metered and int(metered)), "in_flight": int(self._client.zcard(leases))}
-
-    def _run(self, script: str, key: str, cap: int | None, *args: int | float | str) -> int:
-        return int(self._scripts[script](keys=self.keys(key), args=self._args(cap, *args)))
 
     def _args(self, cap: int | None, *args: int | float | str) -> list:
         """ARGV of both scripts (concurrency_common.lua reads the first four), then the script's own."""
