@@ -166,8 +166,9 @@ def send_once(ctx: WorkerContext, client, key: str, config: SweepConfig, params:
 
 
 def _give_back_unused(ctx: WorkerContext, lease) -> None:
-    """A slot taken with a reservation that was refused (or a capped spend): nothing was sent."""
-    if lease is not None and lease.token is not None:
+    """A slot taken with a reservation that was refused (or a capped spend): nothing was sent.
+    (A lease without a token holds nothing: `release` then sends nothing.)"""
+    if lease is not None:
         ctx.in_flight_limiter.release(lease, outcome="other")
 
 
@@ -207,13 +208,17 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
     params = request_params(config, messages)
     spend = RequestSpend.for_request(ctx.spend, sweep, config, prompt_tokens)  # money: the spend cap
 
+    answer: Answer | None = None  # read once, for the token settle and for the row
+
     def after_call(trip: RoundTrip, body: dict[str, Any] | None, failure: llm.Failure | None) -> None:
         """The answer's bookkeeping, in the round trip that frees the slot."""
+        nonlocal answer
         if failure is not None:
             ctx.limiter.queue_settle(trip, key, reserved, 0)  # a refused or failed call used no tokens
             return
-        if (used := read_completion(body).total_tokens) is not None:
-            ctx.limiter.queue_settle(trip, key, reserved, used)
+        answer = read_completion(body)
+        if answer.total_tokens is not None:
+            ctx.limiter.queue_settle(trip, key, reserved, answer.total_tokens)
         health.queue_succeeded(trip, sweep)  # a success ends any failure streak
         if entry is not None:
             entry.queue_remove(trip)
@@ -273,7 +278,6 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
             continue
 
         latency_ms = latency * 1000  # the answered call's, not the wait for an in-flight slot
-        answer = read_completion(body)
         content, refusal = answer.content, answer.refusal
         common = dict(
             model=answer.model, finish_reason=answer.finish_reason, refusal=refusal,
