@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +74,7 @@ def publish(count: int, chord: bool) -> None:
 
 def main() -> int:
     from bench.common import REDIS_URL, bench_env, flush_redis, md_table, proc_cpu_seconds, server_cpu_seconds
+    from bench.throughput import start_workers, stop_workers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000)
@@ -93,21 +93,16 @@ def main() -> int:
     os.environ.update(env)
     logdir = Path(tempfile.mkdtemp(prefix="gridtune-floor-"))
     publish(args.tasks, chord=not args.no_chord)
-    def worker_command(i: int) -> list[str]:
-        return [sys.executable, "-m", "celery", "-A", "bench.celery_floor", "worker", "--pool", "threads",
-                "-c", str(args.concurrency // args.procs), "-Q", app.conf.task_default_queue, "-n", f"floor{i}@%h",
-                "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
-
     servers_before = server_cpu_seconds()
-    began = time.monotonic()
-    workers = [subprocess.Popen(worker_command(i), env=env, stdout=open(logdir / f"worker{i}.log", "w"),
-                                stderr=subprocess.STDOUT, start_new_session=True) for i in range(args.procs)]
+    # Started as the throughput benchmark starts gridtune's workers, on this module's app.
+    workers = start_workers(args.procs, args.concurrency // args.procs, env, logdir, [], app="bench.celery_floor")
 
     def workers_cpu() -> float:
         return sum(proc_cpu_seconds(w.pid) for w in workers)
+
     queue = app.conf.task_default_queue
     first = first_cpu = None
-    deadline = began + args.max_seconds
+    deadline = time.monotonic() + args.max_seconds
     try:
         while time.monotonic() < deadline:
             left = client.llen(queue)
@@ -123,10 +118,7 @@ def main() -> int:
             raise SystemExit(f"not done within {args.max_seconds} s; worker logs in {logdir}")
         wall, cpu = time.monotonic() - first, workers_cpu() - first_cpu
     finally:
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            w.wait(30)
+        stop_workers(workers)
     servers_after = server_cpu_seconds()
     counted = args.tasks - consumed_at_first
     redis_ms = (servers_after["redis"] - servers_before["redis"]) * 1000 / args.tasks

@@ -46,13 +46,13 @@ def dims_for(n: int) -> list[int]:
 
 
 def start_workers(procs: int, concurrency: int, env: dict, logdir: Path, extra: list[str],
-                  cwd: str | Path = ROOT) -> list[subprocess.Popen]:
+                  cwd: str | Path = ROOT, app: str = "worker") -> list[subprocess.Popen]:
     workers = []
     for i in range(procs):
         log = open(logdir / f"worker{i}.log", "w")
         # celery patches for gevent/eventlet from the first --pool on the command line: one only
         pool = [] if any(a.startswith(("--pool", "-P")) for a in extra) else ["--pool", "threads"]
-        cmd = [PYTHON, "-m", "celery", "-A", "worker", "worker", *pool, "-c", str(concurrency),
+        cmd = [PYTHON, "-m", "celery", "-A", app, "worker", *pool, "-c", str(concurrency),
                "-Q", "gridtune", "-n", f"bench{i}@%h", "--without-gossip", "--without-mingle",
                "--without-heartbeat", "-l", "INFO", *extra]
         workers.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
