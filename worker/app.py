@@ -63,6 +63,7 @@ def celery_config(settings: Settings) -> dict:
         worker_send_task_events=settings.task_events,  # Flower needs them
         # A "sent" event per enqueued task would double the producer's publishes.
         task_send_sent_event=False,
+        worker_consumer="worker.consumer:Consumer",  # task events in batches (worker/consumer.py)
         result_expires=7 * 24 * 3600,  # never 0: that hangs chords
         task_default_queue="gridtune",
         task_routes={"gridtune.finetune_local": {"queue": "finetune"},
