@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class WorkerContext:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._configured_budgets: set[str] = set()
+        self._budget_keys: dict[str, str] = {}  # model -> its rate budget, configured
         self._lock = threading.Lock()
 
     @cached_property
@@ -78,17 +78,24 @@ class WorkerContext:
         """Every sweep's spend budget (money, for the spend cap), on the same Redis."""
         return RedisSpendLimiter(self.redis)
 
-    def configure_budget(self, key: str, config: SweepConfig) -> None:
-        """Tell the shared limiter about configured limits, once per process and budget."""
-        if key in self._configured_budgets:
-            return
+    def rate_budget(self, model: str, config: SweepConfig) -> str:
+        """The shared rate budget of `model` under this worker's key and endpoint
+        (`llm.budget_key`); tells the shared limiter the configured limits, once per process and
+        budget. Read for every request: the key is hashed only the first time."""
+        key = self._budget_keys.get(model)
+        if key is not None:
+            return key
+        from worker.llm import budget_key  # lazily, like make_client: the SDK loads with the worker
+
         with self._lock:
+            key = budget_key(model, self.settings)
             limits = Limits(
                 rpm=self.settings.rpm or config.model.rpm, tpm=self.settings.tpm or config.model.tpm
             )
             if limits.rpm or limits.tpm:
                 self.limiter.configure(key, limits)
-            self._configured_budgets.add(key)
+            self._budget_keys[model] = key
+        return key
 
 
 IN_FLIGHT_KEY = "gridtune:inflight:{sweep_id}"

@@ -198,8 +198,7 @@ def call_model(ctx, sweep: Sweep, config: SweepConfig, params: dict[str, Any], a
     settings = ctx.settings
     model = params["model"]
     max_output = params[config.model.token_param]
-    key = llm.budget_key(model, settings)
-    ctx.configure_budget(key, config)
+    key = ctx.rate_budget(model, config)
     prompt_tokens = count_messages(params["messages"], encoding_name(model))
     reserved = prompt_tokens + max_output
     spend = RequestSpend(ctx.spend, spend_budget_key(sweep), model, sweep.max_cost_usd,

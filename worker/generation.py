@@ -201,8 +201,7 @@ def run_request(ctx: WorkerContext, sweep_id: int, index: int, attempts: int = 0
         store.stop_sweep(engine, sweep_id, str(exc))
         return fail("auth", str(exc))
     messages = build_messages(config, request.prompt)
-    key = llm.budget_key(config.model.name, settings)
-    ctx.configure_budget(key, config)
+    key = ctx.rate_budget(config.model.name, config)
     prompt_tokens = count_messages(messages, encoding_name(config.model.name))
     reserved = prompt_tokens + config.model.max_output_tokens
     params = request_params(config, messages)

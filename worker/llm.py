@@ -7,7 +7,6 @@ and multiply with ours.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 from dataclasses import dataclass
@@ -57,12 +56,7 @@ def post_chat_completion(client: openai.OpenAI, params: Mapping[str, Any]) -> ht
 def budget_key(model: str, settings: Settings) -> str:
     """Names a shared rate budget: model + a short hash of (key, endpoint); never the key itself."""
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
-    return _budget_key(model, key, settings.openai_base_url or "")
-
-
-@functools.lru_cache(maxsize=64)  # asked once per request with the same few (model, key, endpoint)
-def _budget_key(model: str, key: str, base_url: str) -> str:
-    digest = hashlib.sha256(f"{key}|{base_url}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{key}|{settings.openai_base_url or ''}".encode()).hexdigest()[:12]
     return f"{model}:{digest}"
 
 
