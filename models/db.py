@@ -73,11 +73,9 @@ def _build_engine(url: str) -> Engine:
                 parsed = parsed.set(drivername="postgresql+psycopg")
             # Worker pools run many threads, but each holds a connection only for a short query:
             # 20 per process is plenty and keeps several workers under Postgres's default
-            # max_connections (100). Threads beyond that wait for a free connection.
-            # All 20 are kept (pool_size, no overflow; opened lazily): overflow connections are
-            # closed as soon as they are returned, so under load every checkout past the fifth
-            # paid a Postgres backend fork and a connect (1.46 ms of Postgres CPU per row with 4
-            # processes, 0.43 without; docs/benchmarks.md, "Round 4").
+            # max_connections (100). Threads beyond that wait for a free connection. All 20 stay
+            # open once opened (no overflow: an overflow connection is closed when returned, and
+            # reopening one is a backend fork + connect per checkout; docs/benchmarks.md, "Round 4").
             # No pool_pre_ping (a round trip per checkout, two per request): a dead pooled
             # connection fails its statement with a disconnect error, SQLAlchemy then drops every
             # older pooled connection, and the callers retry (DB_UNAVAILABLE in worker/generation.py).

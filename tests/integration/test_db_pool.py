@@ -9,7 +9,7 @@ from models import get_engine
 
 pytestmark = pytest.mark.integration
 
-THREADS = 20  # one worker process's share of the benchmark's 64 threads, rounded up
+THREADS = 20  # as many as a worker process keeps connections (models/db.py); fixed, not read from the pool
 BURSTS = 5
 
 
