@@ -11,11 +11,14 @@ Runs are bounded (`--max-seconds`): a run that does not finish in time reports t
 the rows it did write. Worker CPU comes from /proc/<pid>/stat (user+sys of each worker process);
 Redis and Postgres CPU are whole-server deltas (INFO cpu; postmaster + backends). e2e = start-up
 (enqueue start -> first request started) + first->last row + tail (last row -> sweep done).
-`--py-spy SECONDS` also samples worker 0 (`py-spy record --gil`) and splits its CPU by component.
+`--py-spy SECONDS` also samples worker 0 (`py-spy record --gil`) and splits its CPU by component;
+`--strace SECONDS` counts worker 0's system calls (`strace -c -f`, every thread) with the rows
+written in that window (`strace_rows`, `strace_file` in the JSON).
 
     python bench/throughput.py limited --procs 1,4 --concurrency-total 64
     python bench/throughput.py ceiling --procs 1,4 --requests 20000 --concurrency-total 64 --max-seconds 60
     python bench/throughput.py ceiling --procs 1 --requests 4000 --max-seconds 60 --py-spy 40
+    python bench/throughput.py ceiling --procs 1 --requests 4000 --concurrency-total 16 --max-seconds 60 --strace 15
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,7 +85,7 @@ def stop_workers(workers: list[subprocess.Popen]) -> None:
 
 
 def run(scenario: str, procs: int, total_conc: int, requests: int, max_seconds: float,
-        worker_args: list[str], pythonpath: str | None, py_spy: float = 0) -> dict:
+        worker_args: list[str], pythonpath: str | None, py_spy: float = 0, strace: float = 0) -> dict:
     flush_redis()
     if scenario == "limited":
         api = LocalAPI("--rpm", str(RPM), "--latency-ms", "500")
@@ -128,6 +132,16 @@ def run(scenario: str, procs: int, total_conc: int, requests: int, max_seconds: 
                                         "--rate", "100", "--duration", str(int(py_spy)), "--format", "raw",
                                         "--output", str(spy_out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             pg = psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True)
+            tracer = trace_out = None
+            if strace:
+                # syscalls of every thread of worker 0 over a window, per row written in it
+                trace_out = keep / f"strace-{scenario}-{procs}procs.txt"
+                tids = [f"-p{t}" for t in os.listdir(f"/proc/{workers[0].pid}/task")]
+                tracer = subprocess.Popen(["timeout", "-s", "INT", str(int(strace)), "strace", "-c", "-f", "-q",
+                                           "-o", str(trace_out), *tids],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                traced_rows0 = pg.execute("select count(*) from generations").fetchone()[0]
+                traced_rows = None
             deadline = time.monotonic() + max_seconds
             state, done = "running", 0
             t_final = None
@@ -137,7 +151,12 @@ def run(scenario: str, procs: int, total_conc: int, requests: int, max_seconds: 
                 if state in ("dataset_ready", "done", "failed"):
                     t_final = time.time()
                     break
+                if tracer is not None and traced_rows is None and tracer.poll() is not None:
+                    traced_rows = pg.execute("select count(*) from generations").fetchone()[0] - traced_rows0
                 time.sleep(0.5)
+            if tracer is not None and traced_rows is None:
+                tracer.wait()
+                traced_rows = pg.execute("select count(*) from generations").fetchone()[0] - traced_rows0
             cpu = sum(proc_cpu_seconds(w.pid) - cpu0[w.pid] for w in workers)
             api_cpu = api.cpu_seconds() - api_cpu0
             srv = {k: v - srv0[k] for k, v in server_cpu_seconds().items()}
@@ -179,6 +198,10 @@ def run(scenario: str, procs: int, total_conc: int, requests: int, max_seconds: 
         server=stats, retries_logged=logs.count("Retry in"),
         celery_retries=logs.count("retry: Retry"),
     )
+    if trace_out is not None and trace_out.exists():
+        # rows of the whole run in the window, divided by the processes: worker 0's share, roughly
+        out["strace_rows"] = traced_rows / procs
+        out["strace_file"] = str(trace_out)
     if spy_out is not None and spy_out.exists():
         from bench.pyspy_split import report
 
@@ -204,13 +227,17 @@ def main() -> None:
     parser.add_argument("--pythonpath", help="run workers and producer from another tree (scratch copy)")
     parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                         help="also sample worker 0 with py-spy --gil for this long (adds CPU: separate run)")
+    parser.add_argument("--strace", type=float, default=0, metavar="SECONDS",
+                        help="also count worker 0's system calls with strace -c for this long (slows it: separate run)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.strace and not shutil.which("strace"):
+        parser.error("--strace needs strace on the PATH (Debian: apt-get install strace)")
     requests = args.requests or (9_000 if args.scenario == "limited" else 20_000)
     results = []
     for procs in [int(p) for p in args.procs.split(",")]:
         r = run(args.scenario, procs, args.concurrency_total, requests, args.max_seconds, args.worker_arg,
-                args.pythonpath, args.py_spy)
+                args.pythonpath, args.py_spy, args.strace)
         print(json.dumps(r), file=sys.stderr, flush=True)
         results.append(r)
     if args.scenario == "limited":
