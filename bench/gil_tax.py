@@ -11,6 +11,8 @@ same one-key EVALSHA to the benchmark Redis, each alone and from T threads:
   the pool probes each connection it hands out for unread data (`ensure_connection` ->
   `can_read`: settimeout(0), a non-blocking recv, settimeout back) before the command;
 * `redis-py, no probe`: the same pool with `ensure_connection` reduced to `connect()`;
+* `redis-py, poll probe`: the same check in one system call (`poll(0)` on the socket: readable
+  means unread data or a closed connection, as redis-py's probe finds), not three;
 * `raw socket`: the command's bytes on a plain socket (one send, one recv), for the floor.
 
 Prints CPU µs per call (process CPU, user + system), median of `--rounds` rounds that alternate
@@ -22,6 +24,7 @@ the three ways, so that a drifting machine favours none.
 from __future__ import annotations
 
 import argparse
+import select
 import socket
 import statistics
 import sys
@@ -47,12 +50,23 @@ def main() -> None:
         def ensure_connection(self, connection):
             connection.connect()
 
+    class PollProbeConnection(redis.Connection):
+        def can_read(self, timeout=0):
+            buffer = getattr(self._parser, "_buffer", None)
+            if timeout or self._sock is None or buffer is None:
+                return super().can_read(timeout)
+            if buffer.unread_bytes():
+                return True
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            return bool(poller.poll(0))
+
     flush_redis()
     sha = redis.Redis.from_url(REDIS_URL).script_load(SCRIPT)
     db = int(REDIS_URL.rsplit("/", 1)[1])
 
-    def via(pool_class):
-        client = redis.Redis(connection_pool=pool_class.from_url(REDIS_URL, max_connections=64, timeout=30))
+    def via(pool_class, **kwargs):
+        client = redis.Redis(connection_pool=pool_class.from_url(REDIS_URL, max_connections=64, timeout=30, **kwargs))
         return lambda: client.evalsha(sha, 1, "gil-tax")
 
     def raw():
@@ -70,7 +84,9 @@ def main() -> None:
             sock.recv(64)
         return call
 
-    ways = {"redis-py": via(redis.BlockingConnectionPool), "redis-py, no probe": via(NoProbePool), "raw socket": raw()}
+    ways = {"redis-py": via(redis.BlockingConnectionPool), "redis-py, no probe": via(NoProbePool),
+            "redis-py, poll probe": via(redis.BlockingConnectionPool, connection_class=PollProbeConnection),
+            "raw socket": raw()}
     results: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.rounds):
         for threads in (1, args.threads):
