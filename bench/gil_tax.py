@@ -4,7 +4,7 @@ A ceiling worker runs 16 threads on one GIL. Every system call that CPython make
 released (send, recv, poll, and `settimeout`'s ioctl) lets a waiting thread be woken to take it;
 when the call returns at once the woken thread finds the GIL taken again and goes back to sleep:
 a futex wake, two context switches and a futex wait for nothing. So a call costs more CPU among
-16 threads than alone, and costs more the more such system calls it makes. Three ways to send the
+16 threads than alone, and costs more the more such system calls it makes. Four ways to send the
 same one-key EVALSHA to the benchmark Redis, each alone and from T threads:
 
 * `redis-py`: a client on redis-py's BlockingConnectionPool, as the worker's rate budget uses;
@@ -16,7 +16,7 @@ same one-key EVALSHA to the benchmark Redis, each alone and from T threads:
 * `raw socket`: the command's bytes on a plain socket (one send, one recv), for the floor.
 
 Prints CPU µs per call (process CPU, user + system), median of `--rounds` rounds that alternate
-the three ways, so that a drifting machine favours none.
+the four ways, so that a drifting machine favours none.
 
     python bench/gil_tax.py [--threads 16] [--calls 6000] [--rounds 5]
 """
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import REDIS_URL, flush_redis  # noqa: E402
+from bench.common import REDIS_DB, REDIS_URL, flush_redis  # noqa: E402
 
 SCRIPT = "return redis.call('INCR', KEYS[1])"
 
@@ -63,7 +63,6 @@ def main() -> None:
 
     flush_redis()
     sha = redis.Redis.from_url(REDIS_URL).script_load(SCRIPT)
-    db = int(REDIS_URL.rsplit("/", 1)[1])
 
     def via(pool_class, **kwargs):
         client = redis.Redis(connection_pool=pool_class.from_url(REDIS_URL, max_connections=64, timeout=30, **kwargs))
@@ -78,7 +77,7 @@ def main() -> None:
             if sock is None:
                 sock = local.sock = socket.create_connection(("127.0.0.1", 6379))
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(f"*2\r\n$6\r\nSELECT\r\n${len(str(db))}\r\n{db}\r\n".encode())
+                sock.sendall(f"*2\r\n$6\r\nSELECT\r\n${len(str(REDIS_DB))}\r\n{REDIS_DB}\r\n".encode())
                 sock.recv(64)
             sock.sendall(command)
             sock.recv(64)

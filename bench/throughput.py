@@ -132,7 +132,10 @@ def run(scenario: str, procs: int, total_conc: int, requests: int, max_seconds: 
                                         "--rate", "100", "--duration", str(int(py_spy)), "--format", "raw",
                                         "--output", str(spy_out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             pg = psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True)
-            tracer = trace_out = None
+            def rows_written() -> int:
+                return pg.execute("select count(*) from generations").fetchone()[0]
+
+            tracer = trace_out = traced_rows = None
             if strace:
                 # syscalls of every thread of worker 0 over a window, per row written in it
                 trace_out = keep / f"strace-{scenario}-{procs}procs.txt"
@@ -140,23 +143,22 @@ def run(scenario: str, procs: int, total_conc: int, requests: int, max_seconds: 
                 tracer = subprocess.Popen(["timeout", "-s", "INT", str(int(strace)), "strace", "-c", "-f", "-q",
                                            "-o", str(trace_out), *tids],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                traced_rows0 = pg.execute("select count(*) from generations").fetchone()[0]
-                traced_rows = None
+                traced_from = rows_written()
             deadline = time.monotonic() + max_seconds
             state, done = "running", 0
             t_final = None
             while time.monotonic() < deadline:
-                done = pg.execute("select count(*) from generations").fetchone()[0]
+                done = rows_written()
                 state = pg.execute("select state from sweeps where name='bench'").fetchone()[0]
                 if state in ("dataset_ready", "done", "failed"):
                     t_final = time.time()
                     break
                 if tracer is not None and traced_rows is None and tracer.poll() is not None:
-                    traced_rows = pg.execute("select count(*) from generations").fetchone()[0] - traced_rows0
+                    traced_rows = rows_written() - traced_from
                 time.sleep(0.5)
             if tracer is not None and traced_rows is None:
                 tracer.wait()
-                traced_rows = pg.execute("select count(*) from generations").fetchone()[0] - traced_rows0
+                traced_rows = rows_written() - traced_from
             cpu = sum(proc_cpu_seconds(w.pid) - cpu0[w.pid] for w in workers)
             api_cpu = api.cpu_seconds() - api_cpu0
             srv = {k: v - srv0[k] for k, v in server_cpu_seconds().items()}
